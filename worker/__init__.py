@@ -1,0 +1,1 @@
+"""rerank-worker: bulk and background reranking through hosted rerank APIs."""

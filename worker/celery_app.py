@@ -1,0 +1,36 @@
+"""The Celery application. Messages carry request ids only; SQL is the record."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from worker import constants, embedded
+from worker.runtime import redis_url
+from worker.settings import get_settings
+
+
+def create_app() -> Celery:
+    settings = get_settings()
+    broker = embedded.celery_broker_url(redis_url(settings))
+    app = Celery("rerank_worker", broker=broker, include=["worker.tasks"])
+    app.conf.update(
+        task_queues=[Queue(constants.QUEUE_INTERACTIVE), Queue(constants.QUEUE_BULK)],
+        task_default_queue=constants.QUEUE_BULK,
+        task_ignore_result=True,
+        result_backend=None,
+        # At-least-once: a message is acked after its task ran, and a killed worker's
+        # message goes back; duplicates are harmless because requests are claimed in SQL.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": 3600},
+        worker_hijack_root_logger=False,
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    return app
+
+
+app = create_app()

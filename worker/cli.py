@@ -1,0 +1,329 @@
+"""The rerank-worker command line (CONTRACT.md): argument handling and output only."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from worker import constants, errors
+from worker.settings import Settings, get_settings
+
+app = typer.Typer(
+    help="Rerank large amounts of text and images through hosted rerank APIs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+EXIT_BAD_INPUT = 2
+ENDED = ("completed", "cancelled", "failed")
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Every known error becomes one clear line and the contract's exit code."""
+    try:
+        yield
+    except errors.InputError as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
+    except errors.RerankError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{type(exc).__name__}: {exc}")
+
+
+def _settings() -> Settings:
+    from worker.schema import ensure_schema
+
+    settings = get_settings()
+    ensure_schema(settings.sqlalchemy_url())
+    return settings
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, ensure_ascii=False, indent=None) + "\n")
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Apply the Alembic migrations to RERANK_DATABASE_URL."""
+    from worker.db import migrate
+
+    with _errors():
+        url = get_settings().sqlalchemy_url()
+        migrate.upgrade(url, revision)
+    out.print(f"database at revision {revision}")
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", "-c", help="Tasks run at once (threads).")
+    ] = None,
+    queues: Annotated[str, typer.Option("--queues", "-Q")] = ",".join(constants.PRIORITIES),
+    loglevel: Annotated[str, typer.Option("--loglevel", "-l")] = "INFO",
+    hostname: Annotated[str | None, typer.Option("--hostname", "-n")] = None,
+) -> None:
+    """Run a Celery worker (same as `celery -A worker.celery_app worker`)."""
+    with _errors():
+        settings = _settings()
+        settings.require_keys()
+        from worker.celery_app import app as celery_app
+
+        argv = [
+            "worker",
+            "--pool=threads",
+            f"--concurrency={concurrency or settings.default_worker_concurrency()}",
+            f"--queues={queues}",
+            f"--loglevel={loglevel}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+        if hostname:
+            argv.append(f"--hostname={hostname}")
+        celery_app.worker_main(argv)
+
+
+def _open_lines(file: str) -> tuple[Any, str]:
+    if file == "-":
+        return sys.stdin.buffer, "<stdin>"
+    path = Path(file)
+    if not path.is_file():
+        raise errors.InputError(f"no such file: {file}")
+    return path.open("rb"), str(path)
+
+
+@app.command()
+def submit(
+    file: Annotated[str, typer.Argument(help="Requests file (JSON Lines), or - for stdin.")],
+    query: Annotated[str | None, typer.Option(help="Rank a corpus file against this query.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model for requests that name none.")] = None,
+    top_n: Annotated[int | None, typer.Option("--top-n", help="Results kept per request.")] = None,
+    priority: Annotated[str, typer.Option(help="interactive or bulk.")] = constants.QUEUE_BULK,
+    idempotency_key: Annotated[str | None, typer.Option("--idempotency-key")] = None,
+    wait_: Annotated[bool, typer.Option("--wait", help="Wait until the job ends.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Validate the whole file, store the job and enqueue it; prints the job id last."""
+    from worker import service
+
+    with _errors():
+        settings = _settings()
+        settings.require_keys()
+        stream, source = _open_lines(file)
+        with stream:
+            result = service.submit_job(
+                stream,
+                source=source,
+                query=query,
+                model=model,
+                top_n=top_n,
+                priority=priority,
+                idempotency_key=idempotency_key,
+                settings=settings,
+            )
+        for warning in result.warnings:
+            err.print(f"[yellow]warning:[/] {warning}")
+        if not result.enqueued:
+            err.print(
+                "[yellow]warning:[/] the broker is unreachable; the job is stored and a "
+                "worker enqueues it once Redis is back"
+            )
+        if result.existing:
+            err.print(f"job {result.job_id} already exists for this idempotency key")
+        elif not as_json:
+            err.print(f"job {result.job_id}: {result.total_requests} requests queued")
+        ended_ok = True
+        if wait_:
+            ended_ok = _wait(result.job_id, None, settings)
+        if as_json:
+            _print_json(
+                {
+                    "id": result.job_id,
+                    "total_requests": result.total_requests,
+                    "existing": result.existing,
+                    "warnings": result.warnings,
+                }
+            )
+        else:
+            out.print(result.job_id)
+        if not ended_ok:
+            raise typer.Exit(1)
+
+
+@app.command()
+def status(job: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Status, counts and usage of a job."""
+    from worker import service
+
+    with _errors():
+        info = service.job_status(job, _settings())
+    if as_json:
+        _print_json(info)
+        return
+    usage = info["usage"]
+    out.print(f"job {info['id']}  [bold]{info['status']}[/]  priority {info['priority']}")
+    out.print(
+        f"requests: total {info['total']}  succeeded {info['succeeded']}  failed {info['failed']}"
+        f"  cancelled {info['cancelled']}  pending {info['pending']}"
+    )
+    out.print(
+        f"usage: {usage['total_tokens']} tokens, {usage['calls']} upstream calls, "
+        f"cost {usage['cost']:.6f}"
+    )
+    for warning in info["warnings"]:
+        out.print(f"[yellow]warning:[/] {warning}")
+
+
+@app.command()
+def jobs(
+    status_: Annotated[str | None, typer.Option("--status")] = None,
+    limit: int = 20,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List jobs, newest first."""
+    from worker import service
+
+    with _errors():
+        rows = service.list_jobs(status_, limit, _settings())
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("id", "status", "priority", "requests", "created", "source")
+    for row in rows:
+        table.add_row(
+            row["id"], row["status"], row["priority"], str(row["total_requests"]),
+            row["created_at"], row["source"] or "",
+        )  # fmt: skip
+    out.print(table)
+
+
+def _wait(job_id: str, timeout_s: float | None, settings: Settings) -> bool:
+    """Show progress until the job ends; True when it completed."""
+    from worker import service
+
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    info = service.job_status(job_id, settings)
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("failed {task.fields[failed]}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    ) as progress:
+        bar = progress.add_task(job_id[:12], total=info["total"], failed=0)
+        while True:
+            done = info["succeeded"] + info["failed"] + info["cancelled"]
+            progress.update(bar, completed=done, failed=info["failed"])
+            if info["status"] in ENDED:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                progress.stop()
+                fail(f"job {job_id} still {info['status']} after {timeout_s:g}s")
+            time.sleep(0.2)
+            info = service.job_status(job_id, settings)
+    err.print(
+        f"job {job_id} {info['status']}: {info['succeeded']} succeeded, {info['failed']} failed"
+    )
+    return bool(info["status"] == "completed")
+
+
+@app.command()
+def wait(job: str, timeout: Annotated[float | None, typer.Option(help="Seconds.")] = None) -> None:
+    """A progress bar until the job ends; exit 0 when it completed."""
+    with _errors():
+        ok = _wait(job, timeout, _settings())
+    if not ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def results(
+    job: str,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write to a file.")] = None,
+) -> None:
+    """JSON Lines, one per request in input order."""
+    from worker import service
+
+    with _errors():
+        settings = _settings()
+        if output is None:
+            service.write_results(job, sys.stdout, settings)
+            return
+        with output.open("w", encoding="utf-8") as handle:
+            count = service.write_results(job, handle, settings)
+        err.print(f"{count} lines written to {output}")
+
+
+@app.command()
+def usage(
+    job: Annotated[str | None, typer.Option("--job")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Tokens, upstream calls and cost, per key NAME and model."""
+    from worker import service
+
+    with _errors():
+        report = service.usage_report(job, _settings())
+    if as_json:
+        _print_json(report)
+        return
+    table = Table("key", "model", "calls", "billed", "tokens", "cost")
+    for row in report["by_key_and_model"]:
+        cost = "-" if row["cost"] is None else f"{row['cost']:.6f} {row['currency']}"
+        table.add_row(
+            row["key"], row["model"], str(row["calls"]), str(row["billed_calls"]),
+            str(row["total_tokens"]), cost,
+        )  # fmt: skip
+    table.add_row(
+        "total", "", str(report["calls"]), str(report["billed_calls"]),
+        str(report["total_tokens"]), f"{report['cost']:.6f}",
+    )  # fmt: skip
+    out.print(table)
+
+
+@app.command()
+def cancel(job: str) -> None:
+    """No further upstream calls for the job; finished results stay."""
+    from worker import service
+
+    with _errors():
+        changed = service.cancel_job(job, _settings())
+    out.print(f"job {job} cancelled" if changed else f"job {job} had already ended")
+
+
+@app.command()
+def demo(
+    latency_ms: Annotated[float, typer.Option(help="Stand-in API latency.")] = 40.0,
+) -> None:
+    """The whole path on the embedded defaults, with no key and no network."""
+    from worker import demo as demo_module
+
+    with _errors():
+        demo_module.run(out, err, latency_ms=latency_ms)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,48 @@
+"""Every default, cap and Redis key prefix in one place; no logic."""
+
+from __future__ import annotations
+
+DEFAULT_API_BASE = "https://api.302.ai"
+DEFAULT_MODEL = "jina-reranker-m0"
+DEFAULT_MAX_CONCURRENCY_PER_KEY = 4
+DEFAULT_MAX_ATTEMPTS = 8
+DEFAULT_DATA_DIR = ".rerank"
+
+# Upstream HTTP: a whole call (connect, send, wait, read) must finish within this.
+DEFAULT_CALL_TIMEOUT_S = 60.0
+# Backoff: full jitter over min(base * 2**n, cap); a Retry-After above the cap
+# is still honoured, up to MAX_RETRY_AFTER_S, beyond which the key is paused that long.
+DEFAULT_BACKOFF_BASE_S = 0.5
+DEFAULT_BACKOFF_CAP_S = 8.0
+MAX_RETRY_AFTER_S = 3600.0
+
+# A key slot is a lease; it outlives the longest call by this margin, so a dead
+# worker's slot comes back by itself and a live one never loses it mid-call.
+SLOT_LEASE_MARGIN_S = 5.0
+# How long a waiting caller sleeps between attempts to take a slot (grows to the max).
+SLOT_POLL_MIN_S = 0.002
+SLOT_POLL_MAX_S = 0.05
+
+# Requests are claimed with a lease in SQL; the sweeper re-enqueues expired ones.
+REQUEST_LEASE_S = 120.0
+SWEEP_INTERVAL_S = 5.0
+# A queued request whose message is older than this, with its queue empty, is re-sent.
+DISPATCH_STALE_S = 30.0
+# A request delivered this many times without finishing is failed as poison.
+MAX_DELIVERIES = 5
+
+QUEUE_INTERACTIVE = "interactive"
+QUEUE_BULK = "bulk"
+PRIORITIES = (QUEUE_INTERACTIVE, QUEUE_BULK)
+# Requests sent to a worker in one Celery message; they run concurrently there.
+REQUESTS_PER_TASK = {QUEUE_INTERACTIVE: 1, QUEUE_BULK: 8}
+
+# Redis keys. {name} is a key NAME, never a secret.
+REDIS_PREFIX = "rerank:"
+SLOTS_KEY = REDIS_PREFIX + "slots:{name}"
+PAUSE_KEY = REDIS_PREFIX + "pause:{name}"
+REVOKED_KEY = REDIS_PREFIX + "revoked:{name}"
+CANCELLED_JOB_KEY = REDIS_PREFIX + "cancelled:{job_id}"
+SWEEPER_LOCK_KEY = REDIS_PREFIX + "sweeper-lock"
+
+CANCEL_MARK_TTL_S = 7 * 24 * 3600

@@ -1,0 +1,1 @@
+"""SQL persistence: the record of jobs, requests, results, upstream calls and usage."""

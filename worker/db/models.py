@@ -1,0 +1,128 @@
+"""Tables. Results are kept as the JSON text of their export form, so `results` streams fast."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+
+from sqlalchemy import (
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    Numeric,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from worker.db.base import Base, BigId, UTCDateTime, utcnow
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+class RequestStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+JOB_ENDED = (JobStatus.COMPLETED, JobStatus.CANCELLED, JobStatus.FAILED)
+REQUEST_PENDING = (RequestStatus.QUEUED, RequestStatus.RUNNING)
+
+
+class Job(Base):
+    __tablename__ = "job"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, index=True)
+    priority: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str | None] = mapped_column(String(500))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    total_requests: Mapped[int] = mapped_column(Integer, default=0)
+    warnings: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class Request(Base):
+    """One (query, documents) request; everything a worker needs to run it, by id."""
+
+    __tablename__ = "request"
+    __table_args__ = (
+        UniqueConstraint("job_id", "position"),
+        UniqueConstraint("job_id", "custom_id"),
+        Index("ix_request_job_id_status", "job_id", "status"),
+        Index("ix_request_status_lease", "status", "lease_expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    custom_id: Mapped[str] = mapped_column(String(200))
+    query: Mapped[str] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(String(100))
+    top_n: Mapped[int | None] = mapped_column(Integer)
+    return_documents: Mapped[bool] = mapped_column(Boolean, default=False)
+    document_count: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default=RequestStatus.QUEUED)
+    deliveries: Mapped[int] = mapped_column(Integer, default=0)
+    enqueued_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    results_json: Mapped[str | None] = mapped_column(Text)
+    total_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    error_type: Mapped[str | None] = mapped_column(String(50))
+    error_message: Mapped[str | None] = mapped_column(Text)
+
+
+class Document(Base):
+    """A request's documents, in submitted order, as the JSON they were given in."""
+
+    __tablename__ = "document"
+
+    request_id: Mapped[int] = mapped_column(
+        ForeignKey("request.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    content: Mapped[str] = mapped_column(Text)
+    doc_id: Mapped[str | None] = mapped_column(String(200))
+
+
+class UpstreamCall(Base):
+    """Every HTTP attempt at the upstream, billed or not: the source of usage figures."""
+
+    __tablename__ = "upstream_call"
+    __table_args__ = (Index("ix_upstream_call_key_model", "key_name", "model"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"), index=True)
+    request_id: Mapped[int] = mapped_column(ForeignKey("request.id", ondelete="CASCADE"))
+    key_name: Mapped[str] = mapped_column(String(100))
+    model: Mapped[str] = mapped_column(String(100))
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(30))
+    documents: Mapped[int] = mapped_column(Integer)
+    total_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ModelPrice(Base):
+    __tablename__ = "model_price"
+
+    model: Mapped[str] = mapped_column(String(100), primary_key=True)
+    price_per_million_tokens: Mapped[float] = mapped_column(Numeric(14, 6, asdecimal=False))
+    currency: Mapped[str] = mapped_column(String(10), default="PTC")

@@ -1,0 +1,368 @@
+"""Every query rerank-worker makes. SQLAlchemy errors become StorageError here."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import case, delete, func, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from worker.db.base import utcnow
+from worker.db.models import (
+    JOB_ENDED,
+    REQUEST_PENDING,
+    Document,
+    Job,
+    JobStatus,
+    ModelPrice,
+    Request,
+    RequestStatus,
+    UpstreamCall,
+)
+from worker.domain import RequestOutcome, RequestWork
+
+
+@dataclass(frozen=True)
+class JobCounts:
+    total: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    pending: int
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    key_name: str
+    model: str
+    calls: int
+    billed_calls: int
+    total_tokens: int
+    cost: float | None
+    currency: str | None
+
+
+def find_job_by_idempotency_key(session: Session, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.idempotency_key == key))
+
+
+def get_job(session: Session, job_id: str) -> Job | None:
+    return session.get(Job, job_id)
+
+
+def list_jobs(session: Session, *, status: str | None, limit: int) -> Sequence[Job]:
+    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    if status:
+        query = query.where(Job.status == status)
+    return session.scalars(query).all()
+
+
+def insert_request(session: Session, values: dict[str, Any]) -> int:
+    return int(session.execute(insert(Request).values(**values).returning(Request.id)).scalar_one())
+
+
+def insert_documents(session: Session, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        session.execute(insert(Document), rows)
+
+
+def request_ids(session: Session, job_id: str, statuses: Iterable[str]) -> list[int]:
+    query = (
+        select(Request.id)
+        .where(Request.job_id == job_id, Request.status.in_(list(statuses)))
+        .order_by(Request.position)
+    )
+    return list(session.scalars(query))
+
+
+def mark_enqueued(session: Session, ids: Sequence[int]) -> None:
+    session.execute(update(Request).where(Request.id.in_(ids)).values(enqueued_at=utcnow()))
+
+
+def claim_requests(
+    session: Session, ids: Sequence[int], *, lease_s: float, max_deliveries: int
+) -> tuple[list[RequestWork], list[int]]:
+    """Take the requests that nobody holds (queued, or running with an expired lease).
+
+    Returns the work to run and the ids failed as poison (delivered too often).
+    """
+    now = utcnow()
+    claimable = or_(
+        Request.status == RequestStatus.QUEUED,
+        (Request.status == RequestStatus.RUNNING) & (Request.lease_expires_at < now),
+    )
+    claimed = session.execute(
+        update(Request)
+        .where(Request.id.in_(ids), claimable)
+        .values(
+            status=RequestStatus.RUNNING,
+            deliveries=Request.deliveries + 1,
+            lease_expires_at=now + dt.timedelta(seconds=lease_s),
+        )
+        .returning(Request.id, Request.deliveries)
+    ).all()
+    poison = [rid for rid, deliveries in claimed if deliveries > max_deliveries]
+    runnable = [rid for rid, deliveries in claimed if deliveries <= max_deliveries]
+    if poison:
+        session.execute(
+            update(Request)
+            .where(Request.id.in_(poison))
+            .values(
+                status=RequestStatus.FAILED,
+                finished_at=now,
+                lease_expires_at=None,
+                error_type="poison",
+                error_message=f"delivered more than {max_deliveries} times without finishing",
+            )
+        )
+    if not runnable:
+        return [], poison
+    rows = session.execute(
+        select(Request).where(Request.id.in_(runnable)).order_by(Request.id)
+    ).scalars()
+    requests = list(rows)
+    session.execute(
+        update(Job)
+        .where(Job.id.in_({r.job_id for r in requests}), Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.RUNNING, started_at=now)
+    )
+    documents: dict[int, list[tuple[str, str | None]]] = {r.id: [] for r in requests}
+    for request_id, content, doc_id in session.execute(
+        select(Document.request_id, Document.content, Document.doc_id)
+        .where(Document.request_id.in_(runnable))
+        .order_by(Document.request_id, Document.position)
+    ):
+        documents[request_id].append((content, doc_id))
+    work = []
+    for r in requests:
+        docs = documents[r.id]
+        ids_given = any(doc_id is not None for _, doc_id in docs)
+        work.append(
+            RequestWork(
+                request_id=r.id,
+                job_id=r.job_id,
+                query=r.query,
+                model=r.model,
+                top_n=r.top_n,
+                return_documents=r.return_documents,
+                documents_json=[content for content, _ in docs],
+                doc_ids=[doc_id for _, doc_id in docs] if ids_given else None,
+            )
+        )
+    return work, poison
+
+
+def record_outcome(session: Session, outcome: RequestOutcome) -> bool:
+    """Write a request's outcome once; every upstream attempt is logged even if not.
+
+    The update only applies while the request is still running, so a run that lost its
+    lease to another worker cannot overwrite or duplicate results. Returns whether it applied.
+    """
+    if outcome.calls:
+        session.execute(
+            insert(UpstreamCall),
+            [
+                {
+                    "job_id": outcome.job_id,
+                    "request_id": outcome.request_id,
+                    "key_name": c.key_name,
+                    "model": c.model,
+                    "status_code": c.status_code,
+                    "outcome": c.outcome,
+                    "documents": c.documents,
+                    "total_tokens": c.total_tokens,
+                    "latency_ms": c.latency_ms,
+                    "created_at": c.created_at,
+                }
+                for c in outcome.calls
+            ],
+        )
+    applied = session.execute(
+        update(Request)
+        .where(Request.id == outcome.request_id, Request.status == RequestStatus.RUNNING)
+        .values(
+            status=outcome.status,
+            results_json=outcome.results_json,
+            total_tokens=Request.total_tokens + outcome.total_tokens,
+            error_type=outcome.error_type,
+            error_message=outcome.error_message,
+            finished_at=utcnow(),
+            lease_expires_at=None,
+        )
+    ).rowcount
+    if not applied:
+        session.execute(
+            update(Request)
+            .where(Request.id == outcome.request_id)
+            .values(total_tokens=Request.total_tokens + outcome.total_tokens)
+        )
+    return bool(applied)
+
+
+def complete_job_if_done(session: Session, job_id: str) -> bool:
+    """A running job with no pending request is completed (never a cancelled one)."""
+    pending = (
+        select(Request.id)
+        .where(Request.job_id == job_id, Request.status.in_(REQUEST_PENDING))
+        .exists()
+    )
+    return bool(
+        session.execute(
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
+                ~pending,
+            )
+            .values(status=JobStatus.COMPLETED, finished_at=utcnow())
+        ).rowcount
+    )
+
+
+def job_counts(session: Session, job_id: str) -> JobCounts:
+    rows = dict(
+        session.execute(
+            select(Request.status, func.count())
+            .where(Request.job_id == job_id)
+            .group_by(Request.status)
+        ).all()
+    )
+    return JobCounts(
+        total=sum(rows.values()),
+        succeeded=rows.get(RequestStatus.SUCCEEDED, 0),
+        failed=rows.get(RequestStatus.FAILED, 0),
+        cancelled=rows.get(RequestStatus.CANCELLED, 0),
+        pending=rows.get(RequestStatus.QUEUED, 0) + rows.get(RequestStatus.RUNNING, 0),
+    )
+
+
+def cancel_job(session: Session, job_id: str) -> bool:
+    changed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+        .values(status=JobStatus.CANCELLED, finished_at=utcnow())
+    ).rowcount
+    session.execute(
+        update(Request)
+        .where(Request.job_id == job_id, Request.status == RequestStatus.QUEUED)
+        .values(
+            status=RequestStatus.CANCELLED,
+            finished_at=utcnow(),
+            error_type="cancelled",
+            error_message="the job was cancelled before this request ran",
+        )
+    )
+    return bool(changed)
+
+
+def iter_results(session: Session, job_id: str, batch: int = 2000) -> Iterator[tuple[Any, ...]]:
+    """Rows in input order, streamed in batches (constant memory)."""
+    query = (
+        select(
+            Request.custom_id,
+            Request.status,
+            Request.results_json,
+            Request.total_tokens,
+            Request.error_type,
+            Request.error_message,
+        )
+        .where(Request.job_id == job_id)
+        .order_by(Request.position)
+        .execution_options(yield_per=batch)
+    )
+    yield from session.execute(query)
+
+
+def usage(session: Session, job_id: str | None) -> list[UsageRow]:
+    billed = case((UpstreamCall.outcome == "ok", 1), else_=0)
+    query = (
+        select(
+            UpstreamCall.key_name,
+            UpstreamCall.model,
+            func.count(),
+            func.sum(billed),
+            func.coalesce(func.sum(UpstreamCall.total_tokens), 0),
+            ModelPrice.price_per_million_tokens,
+            ModelPrice.currency,
+        )
+        .outerjoin(ModelPrice, ModelPrice.model == UpstreamCall.model)
+        .group_by(
+            UpstreamCall.key_name,
+            UpstreamCall.model,
+            ModelPrice.price_per_million_tokens,
+            ModelPrice.currency,
+        )
+        .order_by(UpstreamCall.key_name, UpstreamCall.model)
+    )
+    if job_id:
+        query = query.where(UpstreamCall.job_id == job_id)
+    return [
+        UsageRow(
+            key_name=key,
+            model=model,
+            calls=int(calls),
+            billed_calls=int(billed_calls or 0),
+            total_tokens=int(tokens),
+            cost=None if price is None else float(tokens) * float(price) / 1_000_000,
+            currency=currency,
+        )
+        for key, model, calls, billed_calls, tokens, price, currency in session.execute(query)
+    ]
+
+
+def requeue_expired(session: Session, now: dt.datetime) -> list[tuple[int, str]]:
+    """Put requests whose lease expired (their worker died) back in the queued state."""
+    expired = session.execute(
+        update(Request)
+        .where(Request.status == RequestStatus.RUNNING, Request.lease_expires_at < now)
+        .values(status=RequestStatus.QUEUED, lease_expires_at=None, enqueued_at=now)
+        .returning(Request.id, Request.job_id)
+    ).all()
+    if not expired:
+        return []
+    priorities = dict(
+        session.execute(
+            select(Job.id, Job.priority).where(Job.id.in_({job_id for _, job_id in expired}))
+        ).tuples()
+    )
+    return [(request_id, priorities[job_id]) for request_id, job_id in expired]
+
+
+def complete_jobs_of_requests(session: Session, ids: Sequence[int]) -> None:
+    job_ids = session.scalars(select(Request.job_id).where(Request.id.in_(ids)).distinct())
+    for job_id in list(job_ids):
+        complete_job_if_done(session, job_id)
+
+
+def stale_queued(
+    session: Session, older_than: dt.datetime, limit: int = 5000
+) -> list[tuple[int, str]]:
+    return list(
+        session.execute(
+            select(Request.id, Job.priority)
+            .join(Job, Job.id == Request.job_id)
+            .where(
+                Request.status == RequestStatus.QUEUED,
+                Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
+                or_(Request.enqueued_at.is_(None), Request.enqueued_at < older_than),
+            )
+            .order_by(Request.id)
+            .limit(limit)
+        ).tuples()
+    )
+
+
+def unfinished_job_ids(session: Session) -> list[str]:
+    return list(session.scalars(select(Job.id).where(Job.status.not_in(JOB_ENDED))))
+
+
+def delete_job(session: Session, job_id: str) -> None:
+    session.execute(delete(Job).where(Job.id == job_id))
+
+
+def job_warnings(job: Job) -> list[str]:
+    return list(json.loads(job.warnings)) if job.warnings else []

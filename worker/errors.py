@@ -1,0 +1,97 @@
+"""The exception tree of rerank-worker.
+
+RerankError
+├── ConfigError            settings that cannot work (no key for the real API, bad key list)
+├── InputError             a bad line in a requests file (carries line and field)
+├── JobNotFound
+├── StorageError           a database failure, translated at the repository edge
+└── UpstreamError          one upstream call failed (carries key NAME and status, never a secret)
+    ├── RetryableError     timeouts, dropped connections, 408, 429, 5xx, 302.AI -10003/-10008/-1024
+    │   └── RateLimited    429: pauses the key for every worker
+    ├── KeyUnusable        401/403, balance, quota: the key is taken out of use
+    ├── RequestRejected    any other 4xx: fails the request with the upstream's message
+    └── NoUsableKey        every configured key is out of use
+"""
+
+from __future__ import annotations
+
+
+class RerankError(Exception):
+    """Root of every error rerank-worker raises on purpose."""
+
+
+class ConfigError(RerankError):
+    pass
+
+
+class JobNotFound(RerankError):
+    pass
+
+
+class StorageError(RerankError):
+    pass
+
+
+class InputError(RerankError):
+    """A requests file is bad; names the line (1-based) and the field."""
+
+    def __init__(self, message: str, *, line: int | None = None, field: str | None = None) -> None:
+        self.line = line
+        self.field = field
+        self.reason = message
+        where = []
+        if line is not None:
+            where.append(f"line {line}")
+        if field is not None:
+            where.append(f"field '{field}'")
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+
+
+class UpstreamError(RerankError):
+    """One upstream call failed. `kind` is the short type written into results."""
+
+    kind = "upstream_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        key_name: str | None = None,
+        status_code: int | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.key_name = key_name
+        self.status_code = status_code
+        self.retry_after_s = retry_after_s
+
+
+class RetryableError(UpstreamError):
+    kind = "upstream_unavailable"
+
+
+class RateLimited(RetryableError):
+    kind = "rate_limited"
+
+
+class KeyUnusable(UpstreamError):
+    """The key cannot be used: `until_s` is how long (None: until restart of the config)."""
+
+    kind = "key_unusable"
+
+    def __init__(self, message: str, *, until_s: float | None = None, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.until_s = until_s
+
+
+class RequestRejected(UpstreamError):
+    kind = "invalid_request"
+
+
+class NoUsableKey(UpstreamError):
+    kind = "no_usable_key"
+
+
+class Cancelled(RerankError):
+    """The job was cancelled while a call waited for a slot."""

@@ -1,0 +1,113 @@
+"""Per-process resources: the Redis URL, and the asyncio engine that talks to the upstream.
+
+Celery runs tasks in threads; the engine runs one event loop in its own thread with one
+pooled HTTP client and one Redis connection pool, and tasks hand it requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import os
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import redis
+import redis.asyncio as aioredis
+
+from worker import constants, embedded
+from worker.domain import RequestOutcome, RequestWork
+from worker.engine import Reranker
+from worker.settings import Settings
+from worker.upstream.client import RerankClient
+from worker.upstream.limits import KeyPool
+from worker.upstream.retry import RetryPolicy
+
+T = TypeVar("T")
+
+
+def redis_url(settings: Settings) -> str:
+    """RERANK_REDIS_URL, or the embedded Redis in the data dir (started on first use)."""
+    if settings.redis_url:
+        return settings.redis_url
+    return embedded.ensure_embedded_redis(settings.resolved_data_dir())
+
+
+@functools.lru_cache(maxsize=4)
+def sync_redis(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=10, health_check_interval=30)
+
+
+def lease_s(settings: Settings) -> float:
+    return settings.call_timeout_s + constants.SLOT_LEASE_MARGIN_S
+
+
+class Engine:
+    """An event loop thread owning the HTTP client, the key pool and the reranker."""
+
+    def __init__(self, settings: Settings) -> None:
+        settings.require_keys()
+        self._settings = settings
+        self._url = redis_url(settings)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="rerank-engine", daemon=True
+        )
+        self._thread.start()
+        self.reranker: Reranker = self._call(self._build())
+
+    async def _build(self) -> Reranker:
+        settings = self._settings
+        self._redis = aioredis.Redis.from_url(self._url, socket_timeout=10)
+        self._client = RerankClient(
+            settings.api_base,
+            timeout_s=settings.call_timeout_s,
+            max_connections=max(64, settings.total_slots * 2),
+        )
+        self.pool = KeyPool(self._redis, settings.keys, lease_s=lease_s(settings))
+        policy = RetryPolicy(
+            max_attempts=settings.max_attempts,
+            base_s=settings.backoff_base_s,
+            cap_s=settings.backoff_cap_s,
+        )
+        return Reranker(
+            self._client, self.pool, policy, max_documents_per_call=settings.max_documents_per_call
+        )
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def submit(self, work: RequestWork) -> concurrent.futures.Future[RequestOutcome]:
+        return asyncio.run_coroutine_threadsafe(self.reranker.run(work), self._loop)
+
+    def close(self) -> None:
+        async def _close() -> None:
+            await self._client.aclose()
+            await self._redis.aclose()
+
+        self._call(_close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+
+_engine_lock = threading.Lock()
+_engine: tuple[int, Engine] | None = None
+
+
+def get_engine(settings: Settings) -> Engine:
+    """One engine per process (a forked child builds its own)."""
+    global _engine
+    with _engine_lock:
+        if _engine is None or _engine[0] != os.getpid():
+            _engine = (os.getpid(), Engine(settings))
+        return _engine[1]
+
+
+def close_engine() -> None:
+    global _engine
+    with _engine_lock:
+        if _engine is not None and _engine[0] == os.getpid():
+            _engine[1].close()
+        _engine = None

@@ -1,0 +1,463 @@
+"""The use cases: submit a job, run requests, read status, results and usage, cancel, sweep."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime as dt
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any, TypeVar
+
+import redis
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+
+from worker import catalog, constants, errors, ingest
+from worker.db import repository
+from worker.db.base import utcnow
+from worker.db.models import Job, JobStatus, RequestStatus
+from worker.db.session import get_sessionmaker
+from worker.domain import RequestOutcome
+from worker.runtime import get_engine, redis_url, sync_redis
+from worker.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DOCUMENT_BATCH = 1000
+
+
+def sessions(settings: Settings | None = None) -> sessionmaker[Session]:
+    return get_sessionmaker((settings or get_settings()).sqlalchemy_url())
+
+
+# Database restarts and lock timeouts are waited out rather than failing a paid-for result.
+_db_retry = retry(
+    retry=retry_if_exception_type(OperationalError),
+    wait=wait_exponential_jitter(initial=0.2, max=5),
+    stop=stop_after_delay(120),
+    reraise=True,
+)
+
+
+@_db_retry
+def _in_transaction(fn: Callable[[Session], T], settings: Settings | None = None) -> T:
+    with sessions(settings).begin() as session:
+        return fn(session)
+
+
+# ---------------------------------------------------------------- submit
+
+
+@dataclass
+class SubmitResult:
+    job_id: str
+    total_requests: int
+    existing: bool = False
+    enqueued: bool = True
+    warnings: list[str] = field(default_factory=list)
+
+
+def _store_requests(
+    session: Session,
+    job_id: str,
+    requests: Iterable[ingest.RequestInput],
+    warnings: list[str],
+    max_documents_per_call: int | None,
+) -> int:
+    count = 0
+    for request in requests:
+        spec = catalog.model_spec(request.model)
+        per_call = catalog.max_documents_per_call(request.model, max_documents_per_call)
+        if not spec.pointwise and len(request.documents) > per_call and len(warnings) < 20:
+            warnings.append(
+                f"request '{request.custom_id}': model {request.model} ranks all documents of a "
+                f"call together; split into calls of {per_call}, its scores are not comparable "
+                "across calls"
+            )
+        request_id = repository.insert_request(
+            session,
+            {
+                "job_id": job_id,
+                "position": request.position,
+                "custom_id": request.custom_id,
+                "query": request.query,
+                "model": request.model,
+                "top_n": request.top_n,
+                "return_documents": request.return_documents,
+                "document_count": len(request.documents),
+                "status": RequestStatus.QUEUED,
+            },
+        )
+        batch = []
+        for position, doc in enumerate(request.documents):
+            batch.append(
+                {
+                    "request_id": request_id,
+                    "position": position,
+                    "content": doc.content,
+                    "doc_id": doc.doc_id,
+                }
+            )
+            if len(batch) >= DOCUMENT_BATCH:
+                repository.insert_documents(session, batch)
+                batch = []
+        repository.insert_documents(session, batch)
+        count += 1
+    return count
+
+
+def _corpus_request(
+    lines: Iterable[bytes], *, query: str, model: str, top_n: int | None
+) -> Iterator[ingest.RequestInput]:
+    request = ingest.RequestInput(
+        position=0,
+        custom_id="corpus",
+        query=query,
+        model=model,
+        top_n=top_n,
+        return_documents=False,
+        documents=list(ingest.iter_corpus(lines)),
+    )
+    yield request
+
+
+def submit_job(
+    lines: Iterable[bytes],
+    *,
+    source: str,
+    query: str | None = None,
+    model: str | None = None,
+    top_n: int | None = None,
+    priority: str = constants.QUEUE_BULK,
+    idempotency_key: str | None = None,
+    settings: Settings | None = None,
+) -> SubmitResult:
+    """Validate the whole input and store it in one transaction; then enqueue it.
+
+    A bad line rolls everything back: no job exists afterwards.
+    """
+    settings = settings or get_settings()
+    if priority not in constants.PRIORITIES:
+        raise errors.InputError(f"priority must be one of {', '.join(constants.PRIORITIES)}")
+    if top_n is not None and top_n < 1:
+        raise errors.InputError("--top-n must be a positive integer")
+    model = model or settings.default_model
+    maker = sessions(settings)
+    with maker() as session:
+        if idempotency_key:
+            existing = repository.find_job_by_idempotency_key(session, idempotency_key)
+            if existing is not None:
+                return SubmitResult(existing.id, existing.total_requests, existing=True)
+        job_id = uuid.uuid4().hex
+        warnings: list[str] = []
+        try:
+            session.add(
+                Job(
+                    id=job_id,
+                    status=JobStatus.QUEUED,
+                    priority=priority,
+                    source=source[:500],
+                    idempotency_key=idempotency_key,
+                )
+            )
+            session.flush()
+            if query is not None:
+                if not query.strip():
+                    raise errors.InputError("--query must not be empty")
+                requests = _corpus_request(lines, query=query, model=model, top_n=top_n)
+            else:
+                requests = ingest.iter_requests(lines, default_model=model, default_top_n=top_n)
+            total = _store_requests(
+                session, job_id, requests, warnings, settings.max_documents_per_call
+            )
+            job = session.get(Job, job_id)
+            assert job is not None
+            job.total_requests = total
+            job.warnings = json.dumps(warnings) if warnings else None
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+    result = SubmitResult(job_id, total, warnings=warnings)
+    result.enqueued = enqueue_job(job_id, priority, settings)
+    return result
+
+
+def enqueue_job(job_id: str, priority: str, settings: Settings) -> bool:
+    """Publish the job's queued requests. False when the broker is down: the sweeper of
+    any worker enqueues them once it is back, from SQL alone."""
+    ids = _in_transaction(
+        lambda s: repository.request_ids(s, job_id, [RequestStatus.QUEUED]), settings
+    )
+    try:
+        publish(ids, priority)
+    except (redis.exceptions.ConnectionError, OSError) as exc:
+        log.warning("action=enqueue_deferred job=%s reason=%s", job_id, type(exc).__name__)
+        return False
+    return True
+
+
+def publish(ids: list[int], priority: str) -> None:
+    from worker.tasks import run_requests
+
+    per_task = constants.REQUESTS_PER_TASK[priority]
+    for start in range(0, len(ids), per_task):
+        chunk = ids[start : start + per_task]
+        run_requests.apply_async(args=[chunk], queue=priority, retry=False)
+        _in_transaction(lambda s, c=chunk: repository.mark_enqueued(s, c))  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------- run
+
+
+def run_requests(request_ids: list[int]) -> int:
+    """Claim the requests, run them concurrently on the engine, record each as it ends."""
+    settings = get_settings()
+    work, poison = _in_transaction(
+        lambda s: repository.claim_requests(
+            s,
+            request_ids,
+            lease_s=settings.request_lease_s,
+            max_deliveries=constants.MAX_DELIVERIES,
+        )
+    )
+    if poison:
+        log.error("action=poison_request ids=%s", poison)
+        _in_transaction(lambda s: repository.complete_jobs_of_requests(s, poison))
+    if not work:
+        return 0
+    engine = get_engine(settings)
+    futures = {engine.submit(w): w for w in work}
+    for future in concurrent.futures.as_completed(futures):
+        try:
+            outcome = future.result()
+        except Exception as exc:  # a bug must still end the request, never leave it stuck
+            item = futures[future]
+            log.exception("action=request_crashed request=%s", item.request_id)
+            outcome = RequestOutcome(
+                request_id=item.request_id,
+                job_id=item.job_id,
+                status=RequestStatus.FAILED,
+                error_type="internal_error",
+                error_message=f"{type(exc).__name__}: {exc}",
+            )
+        _record(outcome)
+    return len(work)
+
+
+def _record(outcome: RequestOutcome) -> None:
+    def write(session: Session) -> None:
+        repository.record_outcome(session, outcome)
+        repository.complete_job_if_done(session, outcome.job_id)
+
+    _in_transaction(write)
+
+
+# ---------------------------------------------------------------- read
+
+
+def job_status(job_id: str, settings: Settings | None = None) -> dict[str, Any]:
+    with sessions(settings)() as session:
+        job = repository.get_job(session, job_id)
+        if job is None:
+            raise errors.JobNotFound(f"no job with id '{job_id}'")
+        counts = repository.job_counts(session, job_id)
+        rows = repository.usage(session, job_id)
+    return {
+        **job_summary(job),
+        "total": counts.total,
+        "succeeded": counts.succeeded,
+        "failed": counts.failed,
+        "cancelled": counts.cancelled,
+        "pending": counts.pending,
+        "warnings": repository.job_warnings(job),
+        "usage": usage_totals(rows),
+    }
+
+
+def job_summary(job: Job) -> dict[str, Any]:
+    def iso(value: dt.datetime | None) -> str | None:
+        return value.isoformat() if value else None
+
+    return {
+        "id": job.id,
+        "status": job.status,
+        "priority": job.priority,
+        "source": job.source,
+        "total_requests": job.total_requests,
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+    }
+
+
+def list_jobs(
+    status: str | None, limit: int, settings: Settings | None = None
+) -> list[dict[str, Any]]:
+    with sessions(settings)() as session:
+        return [job_summary(j) for j in repository.list_jobs(session, status=status, limit=limit)]
+
+
+def usage_totals(rows: list[repository.UsageRow]) -> dict[str, Any]:
+    costs = [r.cost for r in rows if r.cost is not None]
+    return {
+        "total_tokens": sum(r.total_tokens for r in rows),
+        "calls": sum(r.calls for r in rows),
+        "billed_calls": sum(r.billed_calls for r in rows),
+        "cost": round(sum(costs), 9) if costs else 0.0,
+    }
+
+
+def usage_report(job_id: str | None, settings: Settings | None = None) -> dict[str, Any]:
+    with sessions(settings)() as session:
+        if job_id and repository.get_job(session, job_id) is None:
+            raise errors.JobNotFound(f"no job with id '{job_id}'")
+        rows = repository.usage(session, job_id)
+    return {
+        **usage_totals(rows),
+        "job": job_id,
+        "by_key_and_model": [
+            {
+                "key": r.key_name,
+                "model": r.model,
+                "calls": r.calls,
+                "billed_calls": r.billed_calls,
+                "total_tokens": r.total_tokens,
+                "cost": r.cost,
+                "currency": r.currency,
+            }
+            for r in rows
+        ],
+    }
+
+
+_STATUS_OUT = {RequestStatus.SUCCEEDED: "succeeded", RequestStatus.FAILED: "failed"}
+
+
+def result_line(
+    custom_id: str,
+    status: str,
+    results_json: str | None,
+    total_tokens: int,
+    error_type: str | None,
+    error_message: str | None,
+) -> str:
+    """One JSON line of `results`; the stored results text is spliced in as it is."""
+    if status == RequestStatus.SUCCEEDED:
+        error = "null"
+    elif status in (RequestStatus.QUEUED, RequestStatus.RUNNING):
+        status, error = "pending", "null"
+    else:
+        error = json.dumps({"type": error_type or status, "message": error_message or status})
+        status = "failed"
+    return (
+        f'{{"custom_id":{json.dumps(custom_id, ensure_ascii=False)},"status":"{status}",'
+        f'"results":{results_json or "[]"},"usage":{{"total_tokens":{total_tokens}}},'
+        f'"error":{error}}}'
+    )
+
+
+def write_results(job_id: str, out: IO[str], settings: Settings | None = None) -> int:
+    count = 0
+    with sessions(settings)() as session:
+        if repository.get_job(session, job_id) is None:
+            raise errors.JobNotFound(f"no job with id '{job_id}'")
+        for row in repository.iter_results(session, job_id):
+            out.write(result_line(*row))
+            out.write("\n")
+            count += 1
+    return count
+
+
+# ---------------------------------------------------------------- cancel
+
+
+def cancel_job(job_id: str, settings: Settings | None = None) -> bool:
+    """No new upstream call for the job from now on: SQL for queued requests, a Redis mark
+    that the slot script checks before every call for those already running."""
+    settings = settings or get_settings()
+    with sessions(settings).begin() as session:
+        if repository.get_job(session, job_id) is None:
+            raise errors.JobNotFound(f"no job with id '{job_id}'")
+        changed = repository.cancel_job(session, job_id)
+    if changed:
+        mark = constants.CANCELLED_JOB_KEY.format(job_id=job_id)
+        sync_redis(redis_url(settings)).set(mark, "1", ex=constants.CANCEL_MARK_TTL_S)
+    return changed
+
+
+# ---------------------------------------------------------------- sweeper
+
+
+def sweep_once(settings: Settings) -> int:
+    """Re-enqueue what no worker holds any more; complete jobs with nothing pending.
+
+    Expired leases (a dead worker's requests) go back to the queue at once; queued
+    requests whose message is old are re-sent when the queues are empty (the broker
+    lost them: a flush, a restart without persistence, a submit while it was down).
+    """
+    now = utcnow()
+    stale_before = now - dt.timedelta(seconds=settings.dispatch_stale_s)
+    client = sync_redis(redis_url(settings))
+
+    def find(session: Session) -> list[tuple[int, str]]:
+        expired = repository.requeue_expired(session, now)
+        queues_empty = all(client.llen(q) == 0 for q in constants.PRIORITIES)
+        stale = repository.stale_queued(session, stale_before) if queues_empty else []
+        for job_id in repository.unfinished_job_ids(session):
+            repository.complete_job_if_done(session, job_id)
+        return expired + stale
+
+    found = _in_transaction(find, settings)
+    by_priority: dict[str, list[int]] = {}
+    for request_id, priority in found:
+        by_priority.setdefault(priority, []).append(request_id)
+    for priority, ids in by_priority.items():
+        log.warning("action=sweep_requeue priority=%s requests=%d", priority, len(ids))
+        publish(sorted(set(ids)), priority)
+    return len(found)
+
+
+class Sweeper(threading.Thread):
+    """One sweep at a time across all workers (a Redis lock), every sweep_interval_s."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(name="rerank-sweeper", daemon=True)
+        self._settings = settings
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        client = sync_redis(redis_url(self._settings))
+        interval_s = self._settings.sweep_interval_s
+        while not self._stop.wait(interval_s):
+            try:
+                if client.set(constants.SWEEPER_LOCK_KEY, "1", nx=True, px=int(interval_s * 900)):
+                    sweep_once(self._settings)
+            except (redis.exceptions.RedisError, SQLAlchemyError, OSError) as exc:
+                log.warning("action=sweep_failed reason=%s", type(exc).__name__)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+_sweeper: Sweeper | None = None
+
+
+def start_sweeper() -> None:
+    global _sweeper
+    if _sweeper is None:
+        _sweeper = Sweeper(get_settings())
+        _sweeper.start()
+
+
+def stop_sweeper() -> None:
+    global _sweeper
+    if _sweeper is not None:
+        _sweeper.stop()
+        _sweeper = None

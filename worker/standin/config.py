@@ -1,0 +1,94 @@
+"""Run-time knobs of the rerank stand-in: keys, latency and fault probabilities."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from worker.standin.scoring import DEFAULT_IMAGE_TOKENS
+
+_PROBABILITY_FIELDS = ("fault_429", "fault_5xx", "fault_drop", "fault_slow")
+_DURATION_FIELDS = ("latency_ms", "latency_jitter_ms", "slow_ms", "retry_after_s")
+
+
+@dataclass(frozen=True)
+class StandinConfig:
+    """Frozen so a running server swaps a whole validated config, never sees half an update."""
+
+    keys: dict[str, str]
+    latency_ms: float = 0
+    latency_jitter_ms: float = 0
+    fault_429: float = 0
+    fault_5xx: float = 0
+    fault_drop: float = 0
+    fault_slow: float = 0
+    slow_ms: float = 30000
+    retry_after_s: float = 1
+    max_documents: int = 2048
+    seed: int = 0
+    image_tokens: int = DEFAULT_IMAGE_TOKENS
+
+    def __post_init__(self) -> None:
+        _check_keys(self.keys)
+        for name in _PROBABILITY_FIELDS:
+            value = _number(self, name)
+            if not 0 <= value <= 1:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+        for name in _DURATION_FIELDS:
+            if _number(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        for name, minimum in (("max_documents", 1), ("image_tokens", 0), ("seed", 0)):
+            value = getattr(self, name)
+            if not _is_int(value) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}")
+
+    def with_changes(self, **fields: Any) -> StandinConfig:
+        """Validated copy; unknown field names are a ValueError so admin callers get a 400."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields: {', '.join(unknown)}")
+        return dataclasses.replace(self, **fields)
+
+
+def parse_keys(spec: str) -> dict[str, str]:
+    """Read RERANK_API_KEYS syntax (`NAME=SECRET[@N],...`); errors never quote a secret."""
+    keys: dict[str, str] = {}
+    for position, entry in enumerate((e.strip() for e in spec.split(",")), start=1):
+        if not entry:
+            continue
+        name, sep, secret = entry.partition("=")
+        name = name.strip()
+        head, at, tail = secret.rpartition("@")
+        if at and tail.isdigit():
+            secret = head
+        if not sep or not name or not secret:
+            raise ValueError(f"key entry {position}: expected NAME=SECRET or NAME=SECRET@N")
+        if name in keys:
+            raise ValueError(f"key '{name}' is given twice")
+        keys[name] = secret
+    return keys
+
+
+def _check_keys(keys: object) -> None:
+    if not isinstance(keys, dict):
+        raise ValueError("keys must be a mapping of name to secret")
+    for name, secret in keys.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError("key names must be non-empty strings")
+        if not isinstance(secret, str) or not secret:
+            raise ValueError(f"key '{name}': secret must be a non-empty string")
+    if len(set(keys.values())) != len(keys):
+        raise ValueError("two key names share one secret")
+
+
+def _number(config: StandinConfig, name: str) -> float:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number")
+    return float(value)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

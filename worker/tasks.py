@@ -1,0 +1,27 @@
+"""Thin Celery tasks: ids in, service calls out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import signals
+
+from worker import service
+from worker.celery_app import app
+from worker.runtime import close_engine
+
+
+@app.task(name="rerank.run_requests", ignore_result=True)
+def run_requests(request_ids: list[int]) -> int:
+    return service.run_requests(request_ids)
+
+
+@signals.worker_ready.connect
+def _start_sweeper(**_: Any) -> None:
+    service.start_sweeper()
+
+
+@signals.worker_shutdown.connect
+def _stop(**_: Any) -> None:
+    service.stop_sweeper()
+    close_engine()

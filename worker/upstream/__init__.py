@@ -1,0 +1,1 @@
+"""The upstream rerank API: HTTP client, retry policy and shared per-key limits."""

@@ -1,0 +1,173 @@
+"""One upstream rerank call over httpx, with every failure mapped to the project's errors.
+
+httpx and status-code details stop here: callers see `CallResult` or an `UpstreamError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from worker import errors
+from worker.settings import ApiKey
+from worker.upstream import retry
+
+# 302.AI's error codes (CONTRACT.md): retried, key taken out of use, or request failed.
+RETRIED_CODES = frozenset({-10003, -10008, -1024})
+KEY_UNUSABLE_CODES = frozenset({-10004, -10005, -10006, -10007, -10018})
+DAILY_QUOTA_CODE = -10007
+# A key refused for balance, credentials or quota is tried again after this long.
+KEY_UNUSABLE_S = 3600.0
+MAX_MESSAGE_CHARS = 500
+
+
+@dataclass(frozen=True)
+class CallResult:
+    results: list[dict[str, Any]]
+    total_tokens: int
+    latency_ms: float
+    status_code: int = 200
+
+
+def build_body(
+    *,
+    model: str,
+    query: str,
+    documents_json: Sequence[str],
+    top_n: int | None,
+    return_documents: bool,
+) -> bytes:
+    """The JSON body, with the stored documents spliced in as they are (no re-encoding)."""
+    head = json.dumps({"model": model, "query": query}, ensure_ascii=False)[:-1]
+    tail = {"return_documents": return_documents}
+    if top_n is not None:
+        tail["top_n"] = top_n  # type: ignore[assignment]
+    return f'{head},"documents":[{",".join(documents_json)}],{json.dumps(tail)[1:]}'.encode()
+
+
+def _error_code_and_message(response: httpx.Response) -> tuple[int | None, str]:
+    """Read every body shape: Jina's {"detail"}, 302.AI's {"error": {...}}, text or HTML."""
+    text = response.text
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict):
+            code = error.get("err_code")
+            message = error.get("message") or json.dumps(error, ensure_ascii=False)
+            return (code if isinstance(code, int) else None), str(message)
+        if isinstance(error, str):
+            return None, error
+        detail = body.get("detail")
+        if detail is not None:
+            return None, detail if isinstance(detail, str) else json.dumps(detail)
+        message = body.get("message")
+        if isinstance(message, str):
+            return None, message
+    stripped = " ".join(text.split())
+    return None, stripped or f"HTTP {response.status_code}"
+
+
+def _seconds_to_next_utc_day() -> float:
+    now = dt.datetime.now(dt.UTC)
+    tomorrow = (now + dt.timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return (tomorrow - now).total_seconds()
+
+
+def classify(response: httpx.Response, key: ApiKey) -> errors.UpstreamError:
+    """Map a non-200 answer to the error that says what to do next."""
+    status = response.status_code
+    code, message = _error_code_and_message(response)
+    message = scrub(message, key)[:MAX_MESSAGE_CHARS]
+    retry_after_s = retry.parse_retry_after(response.headers)
+    context: dict[str, Any] = {"key_name": key.name, "status_code": status}
+    summary = f"HTTP {status} from upstream on key '{key.name}': {message}"
+    if code in RETRIED_CODES:
+        return errors.RetryableError(summary, retry_after_s=retry_after_s, **context)
+    if code in KEY_UNUSABLE_CODES:
+        until = _seconds_to_next_utc_day() if code == DAILY_QUOTA_CODE else KEY_UNUSABLE_S
+        return errors.KeyUnusable(summary, until_s=until, **context)
+    if status == 429:
+        return errors.RateLimited(summary, retry_after_s=retry_after_s, **context)
+    if status in (401, 403):
+        return errors.KeyUnusable(summary, until_s=KEY_UNUSABLE_S, **context)
+    if status == 408 or status >= 500:
+        return errors.RetryableError(summary, retry_after_s=retry_after_s, **context)
+    return errors.RequestRejected(summary, **context)
+
+
+def scrub(text: str, key: ApiKey) -> str:
+    """Remove a secret that an upstream or proxy might echo back."""
+    secret = key.secret.get_secret_value()
+    return text.replace(secret, "***") if secret else text
+
+
+def _parse_success(response: httpx.Response, key: ApiKey, latency_ms: float) -> CallResult:
+    try:
+        body = response.json()
+        results = body["results"]
+        tokens = int((body.get("usage") or {}).get("total_tokens") or 0)
+        if not isinstance(results, list):
+            raise TypeError("results is not a list")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise errors.RetryableError(
+            f"malformed 200 answer on key '{key.name}': {exc}", key_name=key.name, status_code=200
+        ) from exc
+    return CallResult(results=results, total_tokens=tokens, latency_ms=latency_ms)
+
+
+class RerankClient:
+    """One per process: a pooled httpx.AsyncClient reused for every call."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout_s: float,
+        max_connections: int = 256,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.timeout_s = timeout_s
+        self._http = httpx.AsyncClient(
+            base_url=base_url,
+            timeout=httpx.Timeout(timeout_s),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            transport=transport,
+            headers={"content-type": "application/json"},
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def rerank(self, key: ApiKey, path: str, body: bytes) -> CallResult:
+        """One attempt. The whole call, slow bodies included, ends within `timeout_s`."""
+        headers = {"authorization": f"Bearer {key.secret.get_secret_value()}"}
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                response = await self._http.post(path, content=body, headers=headers)
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            raise errors.RetryableError(
+                f"upstream timed out after {self.timeout_s:g}s on key '{key.name}'",
+                key_name=key.name,
+            ) from exc
+        except httpx.TransportError as exc:
+            raise errors.RetryableError(
+                f"upstream connection failed on key '{key.name}': {type(exc).__name__}",
+                key_name=key.name,
+            ) from exc
+        latency_ms = (time.perf_counter() - started) * 1000
+        if response.status_code == 200:
+            return _parse_success(response, key, latency_ms)
+        raise classify(response, key)

@@ -1,0 +1,167 @@
+"""Per-key concurrency limits shared by every worker process and host, kept in Redis.
+
+Each key NAME has a sorted set of leases (member: a random token, score: expiry in Redis
+server milliseconds). Taking a slot drops expired leases, counts the live ones and adds
+one, all in one Lua script timed by Redis `TIME`, so a dead worker's slots come back by
+themselves and client clocks do not matter. The same script skips keys that are paused
+(after a 429) or taken out of use (401/403, balance, quota), and answers "cancelled" when
+the job was cancelled, so no extra round trip is spent on either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from worker import constants, errors
+from worker.settings import ApiKey
+
+ACQUIRE_LUA = """
+local prefix = ARGV[1]
+local lease_ms = tonumber(ARGV[2])
+local token = ARGV[3]
+local cancel_key = ARGV[4]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if cancel_key ~= '' and redis.call('EXISTS', cancel_key) == 1 then
+  return {'cancelled', ''}
+end
+local best, best_free = nil, 0
+local usable, wait_ms = 0, -1
+for i = 5, #ARGV, 2 do
+  local name = ARGV[i]
+  local limit = tonumber(ARGV[i + 1])
+  if redis.call('EXISTS', prefix .. 'revoked:' .. name) == 0 then
+    usable = usable + 1
+    local pause_ms = redis.call('PTTL', prefix .. 'pause:' .. name)
+    if pause_ms > 0 then
+      if wait_ms < 0 or pause_ms < wait_ms then wait_ms = pause_ms end
+    else
+      local slots = prefix .. 'slots:' .. name
+      redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+      local free = limit - redis.call('ZCARD', slots)
+      if free > best_free then best, best_free = name, free end
+    end
+  end
+end
+if best then
+  local slots = prefix .. 'slots:' .. best
+  redis.call('ZADD', slots, now + lease_ms, token)
+  redis.call('PEXPIRE', slots, lease_ms * 2)
+  return {'ok', best}
+end
+if usable == 0 then return {'none', ''} end
+return {'wait', tostring(wait_ms)}
+"""
+
+# Extend a pause, never shorten it (a later, shorter Retry-After must not cut it).
+PAUSE_LUA = """
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Lease:
+    key: ApiKey
+    token: str
+
+
+class KeyPool:
+    """The configured keys and their shared state in Redis."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Sequence[ApiKey],
+        *,
+        lease_s: float,
+        prefix: str = constants.REDIS_PREFIX,
+    ) -> None:
+        if not keys:
+            raise errors.ConfigError("no API keys configured")
+        self._redis = redis
+        self._keys = {k.name: k for k in keys}
+        self._lease_ms = int(lease_s * 1000)
+        self._prefix = prefix
+        self._acquire = redis.register_script(ACQUIRE_LUA)
+        self._pause = redis.register_script(PAUSE_LUA)
+        # A process never holds more than every key's slots; waiting here costs no Redis calls.
+        self._local = asyncio.Semaphore(sum(k.max_concurrency for k in keys))
+        self._key_args = [x for k in keys for x in (k.name, str(k.max_concurrency))]
+
+    def _cancel_key(self, job_id: str | None) -> str:
+        if job_id is None:
+            return ""
+        return self._prefix + f"cancelled:{job_id}"
+
+    async def _try_acquire(self, token: str, job_id: str | None) -> tuple[str, str]:
+        outcome, value = await self._acquire(
+            args=[self._prefix, self._lease_ms, token, self._cancel_key(job_id), *self._key_args]
+        )
+        return _text(outcome), _text(value)
+
+    @asynccontextmanager
+    async def slot(self, job_id: str | None = None) -> AsyncIterator[Lease]:
+        """Hold one slot of some usable key for the duration of the block."""
+        async with self._local:
+            lease = await self._wait_for_slot(job_id)
+            try:
+                yield lease
+            finally:
+                await self._redis.zrem(self._prefix + f"slots:{lease.key.name}", lease.token)
+
+    async def _wait_for_slot(self, job_id: str | None) -> Lease:
+        token = uuid.uuid4().hex
+        poll_s = constants.SLOT_POLL_MIN_S
+        while True:
+            outcome, value = await self._try_acquire(token, job_id)
+            if outcome == "ok":
+                return Lease(self._keys[value], token)
+            if outcome == "cancelled":
+                raise errors.Cancelled(f"job {job_id} was cancelled")
+            if outcome == "none":
+                raise errors.NoUsableKey(await self.describe_unusable())
+            wait_s = poll_s
+            if int(value) > 0:
+                wait_s = max(poll_s, int(value) / 1000)
+            await asyncio.sleep(wait_s * random.uniform(0.8, 1.2))
+            poll_s = min(poll_s * 2, constants.SLOT_POLL_MAX_S)
+
+    async def pause(self, key_name: str, seconds: float) -> None:
+        """Stop every worker from calling on this key for `seconds` (after a 429)."""
+        await self._pause(
+            keys=[self._prefix + f"pause:{key_name}"], args=[max(1, int(seconds * 1000)), "1"]
+        )
+
+    async def take_out_of_use(self, key_name: str, reason: str, seconds: float | None) -> None:
+        name = self._prefix + f"revoked:{key_name}"
+        if seconds:
+            await self._redis.set(name, reason, px=max(1, int(seconds * 1000)))
+        else:
+            await self._redis.set(name, reason)
+
+    async def describe_unusable(self) -> str:
+        reasons = []
+        for name in self._keys:
+            reason = await self._redis.get(self._prefix + f"revoked:{name}")
+            if reason is not None:
+                reasons.append(f"'{name}' ({_text(reason)})")
+        return "no usable API key left: " + ", ".join(reasons or ["none configured"])
+
+    async def in_use(self, key_name: str) -> int:
+        """Live leases of a key (for status displays and tests)."""
+        return int(await self._redis.zcard(self._prefix + f"slots:{key_name}"))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
