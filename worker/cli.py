@@ -116,7 +116,9 @@ def _open_lines(file: str) -> tuple[Any, str]:
 @app.command()
 def submit(
     file: Annotated[str, typer.Argument(help="Requests file (JSON Lines), or - for stdin.")],
-    query: Annotated[str | None, typer.Option(help="Rank a corpus file against this query.")] = None,
+    query: Annotated[
+        str | None, typer.Option(help="Rank a corpus file against this query.")
+    ] = None,
     model: Annotated[str | None, typer.Option(help="Model for requests that name none.")] = None,
     top_n: Annotated[int | None, typer.Option("--top-n", help="Results kept per request.")] = None,
     priority: Annotated[str, typer.Option(help="interactive or bulk.")] = constants.QUEUE_BULK,

@@ -42,7 +42,8 @@ def _snippet(document_json: str) -> str:
 def _ranked_table(job_id: str, example: Path) -> Table:
     requests = [json.loads(line) for line in example.read_text().splitlines() if line.strip()]
     documents = {
-        r["custom_id"]: [json.dumps(d, ensure_ascii=False) for d in r["documents"]] for r in requests
+        r["custom_id"]: [json.dumps(d, ensure_ascii=False) for d in r["documents"]]
+        for r in requests
     }
     queries = {r["custom_id"]: r["query"] for r in requests}
     table = Table("request", "rank", "score", "document", title=f"job {job_id}")

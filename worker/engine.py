@@ -138,6 +138,9 @@ class Reranker:
                 except errors.UpstreamError as exc:
                     error = exc
                     calls.append(self._record(work, lease.key.name, size, started, error=exc))
+                    if isinstance(exc, errors.RateLimited):
+                        # Paused before the slot is given back, so nobody slips in between.
+                        await self._pool.pause(lease.key.name, self._pause_s(exc, failures + 1))
                 else:
                     calls.append(self._record(work, lease.key.name, size, started, result=result))
                     return checked
@@ -159,10 +162,7 @@ class Reranker:
             error.message = f"{error.message} (gave up after {failures} attempts)"
             raise error
         if isinstance(error, errors.RateLimited):
-            pause_s = error.retry_after_s
-            if pause_s is None:
-                pause_s = min(self._policy.cap_s, self._policy.base_s * 2**failures)
-            await self._pool.pause(key_name, pause_s)
+            # The key is paused for everyone; this part may go on at once on another key.
             delay_s = self._policy.backoff_s(failures)
         else:
             delay_s = self._policy.delay_s(failures, error.retry_after_s)
@@ -176,6 +176,11 @@ class Reranker:
         )
         await asyncio.sleep(delay_s)
         return failures
+
+    def _pause_s(self, error: errors.RateLimited, failures: int) -> float:
+        if error.retry_after_s is not None:
+            return error.retry_after_s
+        return min(self._policy.cap_s, self._policy.base_s * 2**failures)
 
     @staticmethod
     def _record(

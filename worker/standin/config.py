@@ -9,7 +9,7 @@ from typing import Any
 from worker.standin.scoring import DEFAULT_IMAGE_TOKENS
 
 _PROBABILITY_FIELDS = ("fault_429", "fault_5xx", "fault_drop", "fault_slow")
-_DURATION_FIELDS = ("latency_ms", "latency_jitter_ms", "slow_ms", "retry_after_s")
+_DURATION_FIELDS = ("latency_ms", "latency_jitter_ms", "slow_ms", "retry_after_s", "pause_grace_ms")
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,9 @@ class StandinConfig:
     fault_slow: float = 0
     slow_ms: float = 30000
     retry_after_s: float = 1
+    # A client needs a moment to learn of a 429 (the answer's trip back, then telling its
+    # other workers): calls arriving within this grace are not counted as inside the pause.
+    pause_grace_ms: float = 0
     max_documents: int = 2048
     seed: int = 0
     image_tokens: int = DEFAULT_IMAGE_TOKENS

@@ -247,10 +247,11 @@ class _Ledger:
     def __init__(self) -> None:
         self._keys: dict[str, _Counters] = {}
         self._total = _Counters()
-        self._pause_until_s: dict[str, float] = {}
+        self._pauses: dict[str, tuple[float, float]] = {}
 
     def call_started(self, name: str, now_s: float) -> None:
-        paused = now_s < self._pause_until_s.get(name, -math.inf)
+        from_s, until_s = self._pauses.get(name, (math.inf, -math.inf))
+        paused = from_s <= now_s < until_s
         for counters in self._both(name):
             counters.calls += 1
             counters.calls_during_pause += paused
@@ -272,8 +273,14 @@ class _Ledger:
         for counters in self._both(name):
             setattr(counters, counter, getattr(counters, counter) + 1)
 
-    def pause(self, name: str, until_s: float) -> None:
-        self._pause_until_s[name] = max(until_s, self._pause_until_s.get(name, -math.inf))
+    def pause(self, name: str, from_s: float, until_s: float) -> None:
+        """Calls arriving in [from_s, until_s) count as made inside the key's pause."""
+        old_from_s, old_until_s = self._pauses.get(name, (from_s, -math.inf))
+        if until_s > old_until_s:
+            self._pauses[name] = (
+                min(from_s, old_from_s) if old_until_s > from_s else from_s,
+                until_s,
+            )
 
     def snapshot(self, names: Iterable[str]) -> dict[str, Any]:
         listed = dict.fromkeys([*names, *self._keys])
@@ -283,7 +290,7 @@ class _Ledger:
     def reset(self) -> None:
         self._keys = {name: counters.cleared() for name, counters in self._keys.items()}
         self._total = self._total.cleared()
-        self._pause_until_s.clear()
+        self._pauses.clear()
 
     def _both(self, name: str) -> tuple[_Counters, _Counters]:
         return self._keys.setdefault(name, _Counters()), self._total
@@ -551,7 +558,10 @@ class StandinServer:
         self, name: str, request: RerankRequest, fault: _Fault | None, config: StandinConfig
     ) -> tuple[_Response, int]:
         if fault is _Fault.RATE_LIMIT:
-            self._ledger.pause(name, time.monotonic() + config.retry_after_s)
+            now_s = time.monotonic()
+            self._ledger.pause(
+                name, now_s + config.pause_grace_ms / 1000, now_s + config.retry_after_s
+            )
             return _rate_limited(config.retry_after_s), 0
         if fault is _Fault.SERVER_ERROR:
             return next(self._server_errors), 0

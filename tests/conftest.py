@@ -1,0 +1,217 @@
+"""Fixtures that own real services: Redis, PostgreSQL or SQLite, the stand-in API, workers.
+
+PostgreSQL and Redis are the machine's own (started by .ci/run); each test gets a fresh
+database and a flushed Redis database index of its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+from worker.db import migrate
+from worker.settings import get_settings
+from worker.standin import StandinConfig, ThreadedStandin, run_in_thread
+
+PG_ADMIN_URL = os.environ.get("RERANK_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_BASE = os.environ.get("RERANK_TEST_REDIS", "redis://127.0.0.1:6379")
+REDIS_DB = int(os.environ.get("RERANK_TEST_REDIS_DB", "9"))
+SECRETS = {"alpha": "sk-test-alpha-0123456789abcdef", "beta": "sk-test-beta-fedcba9876543210"}
+_counter = itertools.count()
+
+
+def wait_for(
+    predicate: Callable[[], object], timeout_s: float, what: str, every_s: float = 0.05
+) -> object:
+    """Poll until `predicate` returns something truthy, or fail naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(every_s)
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    url = f"{REDIS_BASE}/{REDIS_DB}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def _postgres_database() -> Iterator[str]:
+    name = f"rerank_test_{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    url = f"{base}/{name}"
+    try:
+        migrate.upgrade(url)
+        yield url
+    finally:
+        from worker.db.session import get_engine
+
+        get_engine(url).dispose()
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each test that uses it runs on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'rerank.db'}"
+        migrate.upgrade(url)
+        yield url
+    else:
+        yield from _postgres_database()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    yield from _postgres_database()
+
+
+@pytest.fixture
+def standin() -> Iterator[ThreadedStandin]:
+    with run_in_thread(StandinConfig(keys=dict(SECRETS), latency_ms=5, seed=7)) as server:
+        yield server
+
+
+def api_keys(**limits: int) -> str:
+    return ",".join(f"{name}={SECRETS[name]}@{n}" for name, n in limits.items())
+
+
+@dataclass
+class Env:
+    """The environment every process of one test shares (CLI, workers, in-process calls)."""
+
+    values: dict[str, str]
+    tmp_path: Path
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+
+    def apply(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        for key in [k for k in os.environ if k.startswith("RERANK_")]:
+            monkeypatch.delenv(key)
+        for key, value in self.values.items():
+            monkeypatch.setenv(key, value)
+        get_settings.cache_clear()
+
+    def cli(
+        self, *args: str, input: bytes | None = None, timeout_s: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RERANK_")}
+        env.update(self.values)
+        return subprocess.run(
+            [sys.executable, "-m", "worker", *args],
+            env=env,
+            input=input.decode() if input is not None else None,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            cwd=self.tmp_path,
+        )
+
+    def start_worker(
+        self, concurrency: int = 6, name: str | None = None
+    ) -> subprocess.Popen[bytes]:
+        """A real `rerank-worker worker` in its own process group; returns once it is ready."""
+        name = name or f"w{len(self.workers)}"
+        log_path = self.tmp_path / f"worker-{name}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RERANK_")}
+        env.update(self.values)
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "worker", "worker", "--concurrency", str(concurrency),
+                 "--hostname", f"{name}@%h", "--loglevel", "INFO"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.tmp_path,
+                start_new_session=True,
+            )  # fmt: skip
+        self.workers.append(process)
+        self.logs.append(log_path)
+        wait_for(
+            lambda: b" ready." in log_path.read_bytes() or process.poll() is not None,
+            60,
+            f"worker {name} to be ready",
+        )
+        assert process.poll() is None, log_path.read_text()
+        return process
+
+    def kill_worker(self, process: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        process.wait(timeout=30)
+
+    def stop_workers(self) -> None:
+        for process in self.workers:
+            if process.poll() is None:
+                self.kill_worker(process, signal.SIGTERM)
+        for process in self.workers:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill_worker(process, signal.SIGKILL)
+
+    def all_logs(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in self.logs if p.exists())
+
+
+@pytest.fixture
+def make_env(
+    tmp_path: Path, redis_url: str, standin: ThreadedStandin, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., Env]]:
+    """Build the shared environment for a database; workers are stopped at teardown."""
+    made: list[Env] = []
+
+    def build(database_url: str, keys: str | None = None, **extra: str) -> Env:
+        values = {
+            "RERANK_DATABASE_URL": database_url,
+            "RERANK_REDIS_URL": redis_url,
+            "RERANK_API_BASE": standin.base_url,
+            "RERANK_API_KEYS": keys or api_keys(alpha=3, beta=2),
+            "RERANK_DATA_DIR": str(tmp_path / "data"),
+            "RERANK_BACKOFF_BASE_S": "0.02",
+            "RERANK_BACKOFF_CAP_S": "0.5",
+            "RERANK_CALL_TIMEOUT_S": "10",
+            "RERANK_SWEEP_INTERVAL_S": "1",
+            **extra,
+        }
+        env = Env(values=values, tmp_path=tmp_path)
+        env.apply(monkeypatch)
+        made.append(env)
+        return env
+
+    yield build
+    for env in made:
+        env.stop_workers()
+    get_settings.cache_clear()
