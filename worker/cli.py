@@ -12,6 +12,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -35,7 +36,7 @@ ENDED = ("completed", "cancelled", "failed")
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
 
 
@@ -81,7 +82,9 @@ def worker(
         int | None, typer.Option("--concurrency", "-c", help="Tasks run at once (threads).")
     ] = None,
     queues: Annotated[str, typer.Option("--queues", "-Q")] = ",".join(constants.PRIORITIES),
-    loglevel: Annotated[str, typer.Option("--loglevel", "-l")] = "INFO",
+    loglevel: Annotated[
+        str | None, typer.Option("--loglevel", "-l", help="Default: RERANK_LOG_LEVEL.")
+    ] = None,
     hostname: Annotated[str | None, typer.Option("--hostname", "-n")] = None,
 ) -> None:
     """Run a Celery worker (same as `celery -A worker.celery_app worker`)."""
@@ -95,7 +98,7 @@ def worker(
             "--pool=threads",
             f"--concurrency={concurrency or settings.default_worker_concurrency()}",
             f"--queues={queues}",
-            f"--loglevel={loglevel}",
+            f"--loglevel={loglevel or settings.log_level}",
             "--without-gossip",
             "--without-mingle",
         ]
@@ -145,7 +148,7 @@ def submit(
                 settings=settings,
             )
         for warning in result.warnings:
-            err.print(f"[yellow]warning:[/] {warning}")
+            err.print(f"[yellow]warning:[/] {escape(warning)}")
         if not result.enqueued:
             err.print(
                 "[yellow]warning:[/] the broker is unreachable; the job is stored and a "
@@ -194,7 +197,7 @@ def status(job: str, as_json: Annotated[bool, typer.Option("--json")] = False) -
         f"cost {usage['cost']:.6f}"
     )
     for warning in info["warnings"]:
-        out.print(f"[yellow]warning:[/] {warning}")
+        out.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
 @app.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
+import functools
 import json
 import logging
 import threading
@@ -12,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
 
+import kombu.exceptions
 import redis
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,7 +24,7 @@ from worker.db import repository
 from worker.db.base import utcnow
 from worker.db.models import Job, JobStatus, RequestStatus
 from worker.db.session import get_sessionmaker
-from worker.domain import RequestOutcome
+from worker.domain import RequestOutcome, RequestWork
 from worker.runtime import get_engine, redis_url, sync_redis
 from worker.settings import Settings, get_settings
 
@@ -197,7 +199,7 @@ def enqueue_job(job_id: str, priority: str, settings: Settings) -> bool:
     )
     try:
         publish(ids, priority)
-    except (redis.exceptions.ConnectionError, OSError) as exc:
+    except (kombu.exceptions.OperationalError, redis.exceptions.ConnectionError, OSError) as exc:
         log.warning("action=enqueue_deferred job=%s reason=%s", job_id, type(exc).__name__)
         return False
     return True
@@ -233,22 +235,39 @@ def run_requests(request_ids: list[int]) -> int:
     if not work:
         return 0
     engine = get_engine(settings)
-    futures = {engine.submit(w): w for w in work}
-    for future in concurrent.futures.as_completed(futures):
-        try:
-            outcome = future.result()
-        except Exception as exc:  # a bug must still end the request, never leave it stuck
-            item = futures[future]
-            log.exception("action=request_crashed request=%s", item.request_id)
-            outcome = RequestOutcome(
-                request_id=item.request_id,
-                job_id=item.job_id,
-                status=RequestStatus.FAILED,
-                error_type="internal_error",
-                error_message=f"{type(exc).__name__}: {exc}",
+    pending = {engine.submit(w): w for w in work}
+    renew_every_s = settings.request_lease_s / 3
+    while pending:
+        done, _ = concurrent.futures.wait(
+            pending, timeout=renew_every_s, return_when=concurrent.futures.FIRST_COMPLETED
+        )
+        for future in done:
+            _record(_outcome_of(future, pending.pop(future)))
+        if not done:
+            # Still working: keep the leases so the sweeper does not hand these out again.
+            renew = functools.partial(
+                repository.renew_leases,
+                ids=[w.request_id for w in pending.values()],
+                lease_s=settings.request_lease_s,
             )
-        _record(outcome)
+            _in_transaction(renew)
     return len(work)
+
+
+def _outcome_of(
+    future: concurrent.futures.Future[RequestOutcome], work: RequestWork
+) -> RequestOutcome:
+    try:
+        return future.result()
+    except Exception as exc:  # a bug must still end the request, never leave it stuck
+        log.exception("action=request_crashed request=%s", work.request_id)
+        return RequestOutcome(
+            request_id=work.request_id,
+            job_id=work.job_id,
+            status=RequestStatus.FAILED,
+            error_type="internal_error",
+            error_message=f"{type(exc).__name__}: {exc}",
+        )
 
 
 def _record(outcome: RequestOutcome) -> None:
@@ -441,6 +460,8 @@ class Sweeper(threading.Thread):
                     sweep_once(self._settings)
             except (redis.exceptions.RedisError, SQLAlchemyError, OSError) as exc:
                 log.warning("action=sweep_failed reason=%s", type(exc).__name__)
+            except Exception:  # the sweeper is the safety net: it must outlive any bug
+                log.exception("action=sweep_crashed")
 
     def stop(self) -> None:
         self._stop.set()

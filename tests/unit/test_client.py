@@ -139,7 +139,7 @@ def test_documents_are_sent_byte_for_byte_as_stored() -> None:
         seen.append(request.content)
         return httpx.Response(200, json=SUCCESS)
 
-    stored = ['"ünïcode – text"', '{"image":"iVBORw0KGgo="}']
+    stored = ['"ünïcode 中文 text"', '{"image":"iVBORw0KGgo="}']
     call(handler, body(documents_json=stored))
     assert b'"documents":[' + ",".join(stored).encode() + b"]" in seen[0]
 
@@ -178,7 +178,9 @@ def test_documents_are_sent_byte_for_byte_as_stored() -> None:
     ],
     ids=["defaults", "top_n-and-documents", "one-document"],
 )
-def test_build_body_is_the_expected_json(overrides: dict[str, Any], expected: dict[str, Any]) -> None:
+def test_build_body_is_the_expected_json(
+    overrides: dict[str, Any], expected: dict[str, Any]
+) -> None:
     assert json.loads(body(**overrides)) == expected
 
 

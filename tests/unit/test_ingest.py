@@ -95,7 +95,9 @@ def test_custom_id_is_generated_from_the_line_number_when_absent() -> None:
 
 def test_defaults_for_model_top_n_and_return_documents_apply_when_absent() -> None:
     [request] = requests_of(
-        line({"query": "q", "documents": ["a"]}), default_model="bge-reranker-v2-m3", default_top_n=5
+        line({"query": "q", "documents": ["a"]}),
+        default_model="bge-reranker-v2-m3",
+        default_top_n=5,
     )
     assert request.model == "bge-reranker-v2-m3"
     assert request.top_n == 5
@@ -167,7 +169,8 @@ def test_invalid_utf8_names_the_line() -> None:
 
 
 @pytest.mark.parametrize(
-    ("raw", "type_name"), [("[1, 2]", "list"), ('"text"', "str"), ("42", "int"), ("null", "NoneType")]
+    ("raw", "type_name"),
+    [("[1, 2]", "list"), ('"text"', "str"), ("42", "int"), ("null", "NoneType")],
 )
 def test_a_line_that_is_not_an_object_is_rejected(raw: str, type_name: str) -> None:
     error = request_error(raw)
@@ -316,7 +319,9 @@ def test_a_duplicate_custom_id_names_the_first_line() -> None:
 
 
 @pytest.mark.parametrize(
-    "custom_id", ["x" * (MAX_CUSTOM_ID_LENGTH + 1), "", 12, None], ids=["too-long", "empty", "int", "null"]
+    "custom_id",
+    ["x" * (MAX_CUSTOM_ID_LENGTH + 1), "", 12, None],
+    ids=["too-long", "empty", "int", "null"],
 )
 def test_custom_id_must_be_a_short_non_empty_string(custom_id: Any) -> None:
     error = request_error(line({**GOOD, "custom_id": custom_id}))
@@ -329,7 +334,9 @@ def test_a_custom_id_of_the_maximum_length_is_accepted() -> None:
     assert len(request.custom_id) == MAX_CUSTOM_ID_LENGTH
 
 
-@pytest.mark.parametrize("lines", [[], [""], ["\n", "  ", b"\n"]], ids=["none", "one-blank", "blanks"])
+@pytest.mark.parametrize(
+    "lines", [[], [""], ["\n", "  ", b"\n"]], ids=["none", "one-blank", "blanks"]
+)
 def test_a_file_without_requests_is_rejected(lines: list[bytes | str]) -> None:
     error = request_error(*lines)
     assert error.line is None

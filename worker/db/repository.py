@@ -156,6 +156,14 @@ def claim_requests(
     return work, poison
 
 
+def renew_leases(session: Session, ids: Sequence[int], *, lease_s: float) -> None:
+    session.execute(
+        update(Request)
+        .where(Request.id.in_(ids), Request.status == RequestStatus.RUNNING)
+        .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_s))
+    )
+
+
 def record_outcome(session: Session, outcome: RequestOutcome) -> bool:
     """Write a request's outcome once; every upstream attempt is logged even if not.
 
@@ -324,11 +332,12 @@ def requeue_expired(session: Session, now: dt.datetime) -> list[tuple[int, str]]
     ).all()
     if not expired:
         return []
-    priorities = dict(
-        session.execute(
+    priorities = {
+        job_id: priority
+        for job_id, priority in session.execute(
             select(Job.id, Job.priority).where(Job.id.in_({job_id for _, job_id in expired}))
-        ).tuples()
-    )
+        )
+    }
     return [(request_id, priorities[job_id]) for request_id, job_id in expired]
 
 

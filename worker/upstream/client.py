@@ -22,6 +22,7 @@ from worker.upstream import retry
 # 302.AI's error codes (CONTRACT.md): retried, key taken out of use, or request failed.
 RETRIED_CODES = frozenset({-10003, -10008, -1024})
 KEY_UNUSABLE_CODES = frozenset({-10004, -10005, -10006, -10007, -10018})
+REJECTED_CODES = frozenset({-10001, -10011})
 DAILY_QUOTA_CODE = -10007
 # A key refused for balance, credentials or quota is tried again after this long.
 KEY_UNUSABLE_S = 3600.0
@@ -93,6 +94,8 @@ def classify(response: httpx.Response, key: ApiKey) -> errors.UpstreamError:
     summary = f"HTTP {status} from upstream on key '{key.name}': {message}"
     if code in RETRIED_CODES:
         return errors.RetryableError(summary, retry_after_s=retry_after_s, **context)
+    if code in REJECTED_CODES:
+        return errors.RequestRejected(summary, **context)
     if code in KEY_UNUSABLE_CODES:
         until = _seconds_to_next_utc_day() if code == DAILY_QUOTA_CODE else KEY_UNUSABLE_S
         return errors.KeyUnusable(summary, until_s=until, **context)
