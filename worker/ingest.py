@@ -60,7 +60,7 @@ def parse_document(
     doc_id: str | None = None
     if isinstance(value, str):
         if not value.strip():
-            raise errors.InputError("document text is empty", line=line_no, field=where)
+            raise errors.InputError("document text is empty", line=line_no, field=where or None)
         return DocumentInput(
             json.dumps(value, ensure_ascii=False, separators=(",", ":")), is_image=False
         )
@@ -69,7 +69,7 @@ def parse_document(
             f'a document must be a string, {{"text": ...}} or {{"image": ...}}, '
             f"not {type(value).__name__}",
             line=line_no,
-            field=where,
+            field=where or None,
         )
     body = dict(value)
     if allow_id and "id" in body:

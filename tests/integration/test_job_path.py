@@ -35,7 +35,13 @@ def test_job_with_faults_completes_exactly_within_limits(
         database_url, api_keys(alpha=3, beta=2), RERANK_MAX_DOCUMENTS_PER_CALL="100"
     )
     standin.update(
-        latency_ms=20, fault_5xx=0.08, fault_429=0.04, fault_drop=0.02, retry_after_s=0.3
+        latency_ms=20,
+        fault_5xx=0.08,
+        fault_429=0.04,
+        fault_drop=0.02,
+        retry_after_s=0.5,
+        # The time a client needs to learn of a 429 (its answer's way back, then Redis).
+        pause_grace_ms=100,
     )
     requests = make_requests(61, big_at=18)
     path = write_jsonl(tmp_path / "requests.jsonl", requests)

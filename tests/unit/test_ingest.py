@@ -408,11 +408,6 @@ def test_an_empty_corpus_is_rejected(lines: list[str]) -> None:
     assert "no documents" in str(error)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: ingest.parse_document passes field=where ('' in a corpus) so the message "
-    "reads \"field ''\" instead of naming no field",
-)
 @pytest.mark.parametrize("raw", ['""', "5"], ids=["empty-string", "number"])
 def test_a_bad_corpus_line_does_not_name_an_empty_field(raw: str) -> None:
     error = corpus_error(raw)

@@ -118,12 +118,16 @@ def _parse_success(response: httpx.Response, key: ApiKey, latency_ms: float) -> 
     try:
         body = response.json()
         results = body["results"]
-        tokens = int((body.get("usage") or {}).get("total_tokens") or 0)
+        usage = body.get("usage") or {}
+        tokens = int(usage.get("total_tokens") or 0)
         if not isinstance(results, list):
             raise TypeError("results is not a list")
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        # The exception's text may quote the body: name only its kind.
         raise errors.RetryableError(
-            f"malformed 200 answer on key '{key.name}': {exc}", key_name=key.name, status_code=200
+            f"malformed 200 answer on key '{key.name}' ({type(exc).__name__})",
+            key_name=key.name,
+            status_code=200,
         ) from exc
     return CallResult(results=results, total_tokens=tokens, latency_ms=latency_ms)
 
@@ -165,7 +169,7 @@ class RerankClient:
                 f"upstream timed out after {self.timeout_s:g}s on key '{key.name}'",
                 key_name=key.name,
             ) from exc
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:
             raise errors.RetryableError(
                 f"upstream connection failed on key '{key.name}': {type(exc).__name__}",
                 key_name=key.name,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import math
 import random
 import time
 from collections.abc import Mapping
@@ -15,22 +16,28 @@ def parse_retry_after(headers: Mapping[str, str], now_s: float | None = None) ->
     """Seconds to wait from `retry-after-ms`, or `Retry-After` as seconds or an HTTP date."""
     raw_ms = headers.get("retry-after-ms")
     if raw_ms:
-        try:
-            return max(0.0, float(raw_ms) / 1000)
-        except ValueError:
-            pass
+        seconds = _finite(raw_ms)
+        if seconds is not None:
+            return max(0.0, seconds / 1000)
     raw = headers.get("retry-after")
     if not raw:
         return None
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        pass
+    seconds = _finite(raw)
+    if seconds is not None:
+        return max(0.0, seconds)
     parsed = email.utils.parsedate_to_datetime(raw) if _looks_like_date(raw) else None
     if parsed is None:
         return None
     now = time.time() if now_s is None else now_s
     return max(0.0, parsed.timestamp() - now)
+
+
+def _finite(raw: str) -> float | None:
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _looks_like_date(raw: str) -> bool:
