@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from worker import embedded
 from worker.standin import StandinConfig, run_in_thread
 from worker.standin.scoring import rank
 
@@ -123,6 +124,8 @@ def main() -> None:
             for process in workers:
                 process.wait(timeout=30)
         stats = standin.stats()
+    if "RERANK_REDIS_URL" not in env:
+        embedded.stop_embedded_redis(work / "data")
     exact = sum(
         line["results"] == rank(r["query"], r["documents"], r.get("top_n"), False)[0]
         for line, r in zip(lines, requests, strict=True)
