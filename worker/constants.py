@@ -22,6 +22,8 @@ SLOT_LEASE_MARGIN_S = 5.0
 # How long a waiting caller sleeps between attempts to take a slot (grows to the max).
 SLOT_POLL_MIN_S = 0.002
 SLOT_POLL_MAX_S = 0.05
+# While Redis is unreachable, slot takers retry with backoff up to this interval.
+REDIS_RETRY_MAX_S = 2.0
 
 # Requests are claimed with a lease in SQL; the sweeper re-enqueues expired ones.
 REQUEST_LEASE_S = 120.0

@@ -6,35 +6,56 @@ one, all in one Lua script timed by Redis `TIME`, so a dead worker's slots come 
 themselves and client clocks do not matter. The same script skips keys that are paused
 (after a 429) or taken out of use (401/403, balance, quota), and answers "cancelled" when
 the job was cancelled, so no extra round trip is spent on either.
+
+A Redis that restarts without its data forgets every lease. The script keeps an epoch
+key; a process that saw an epoch before and finds none has seen the state lost, so it
+starts a quarantine of one lease length (no new slot for anyone, after which every
+forgotten lease would have expired) and puts back the leases it still holds itself.
+Redis outages are waited out; a lease that cannot be released expires by itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import redis
 import redis.asyncio as aioredis
 
 from worker import constants, errors
 from worker.settings import ApiKey
+
+log = logging.getLogger(__name__)
 
 ACQUIRE_LUA = """
 local prefix = ARGV[1]
 local lease_ms = tonumber(ARGV[2])
 local token = ARGV[3]
 local cancel_key = ARGV[4]
+local seen_epoch = ARGV[5]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if cancel_key ~= '' and redis.call('EXISTS', cancel_key) == 1 then
-  return {'cancelled', ''}
+local epoch = redis.call('GET', prefix .. 'epoch')
+if not epoch then
+  epoch = token
+  redis.call('SET', prefix .. 'epoch', epoch)
+  if seen_epoch ~= '' then
+    redis.call('SET', prefix .. 'quarantine', '1', 'PX', lease_ms)
+  end
 end
+if cancel_key ~= '' and redis.call('EXISTS', cancel_key) == 1 then
+  return {'cancelled', '', epoch}
+end
+local quarantine_ms = redis.call('PTTL', prefix .. 'quarantine')
+if quarantine_ms > 0 then return {'wait', tostring(quarantine_ms), epoch} end
 local best, best_free = nil, 0
 local usable, wait_ms = 0, -1
-for i = 5, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   local name = ARGV[i]
   local limit = tonumber(ARGV[i + 1])
   if redis.call('EXISTS', prefix .. 'revoked:' .. name) == 0 then
@@ -54,11 +75,21 @@ if best then
   local slots = prefix .. 'slots:' .. best
   redis.call('ZADD', slots, now + lease_ms, token)
   redis.call('PEXPIRE', slots, lease_ms * 2)
-  return {'ok', best}
+  return {'ok', best, epoch}
 end
-if usable == 0 then return {'none', ''} end
-return {'wait', tostring(wait_ms)}
+if usable == 0 then return {'none', '', epoch} end
+return {'wait', tostring(wait_ms), epoch}
 """
+
+# Put back a lease this process still holds, after Redis lost its state.
+RESTORE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 2)
+"""
+
+REDIS_DOWN_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 # Extend a pause, never shorten it (a later, shorter Retry-After must not cut it).
 PAUSE_LUA = """
@@ -98,6 +129,9 @@ class KeyPool:
         # A process never holds more than every key's slots; waiting here costs no Redis calls.
         self._local = asyncio.Semaphore(sum(k.max_concurrency for k in keys))
         self._key_args = [x for k in keys for x in (k.name, str(k.max_concurrency))]
+        self._restore = redis.register_script(RESTORE_LUA)
+        self._held: dict[str, str] = {}
+        self._epoch: str | None = None
 
     def _cancel_key(self, job_id: str | None) -> str:
         if job_id is None:
@@ -105,26 +139,59 @@ class KeyPool:
         return self._prefix + f"cancelled:{job_id}"
 
     async def _try_acquire(self, token: str, job_id: str | None) -> tuple[str, str]:
-        outcome, value = await self._acquire(
-            args=[self._prefix, self._lease_ms, token, self._cancel_key(job_id), *self._key_args]
+        outcome, value, epoch = await self._acquire(
+            args=[
+                self._prefix,
+                self._lease_ms,
+                token,
+                self._cancel_key(job_id),
+                self._epoch or "",
+                *self._key_args,
+            ]
         )
+        epoch = _text(epoch)
+        if epoch != self._epoch:
+            if self._epoch is not None:
+                await self._restore_held()
+            self._epoch = epoch
         return _text(outcome), _text(value)
+
+    async def _restore_held(self) -> None:
+        log.warning("action=redis_state_lost held_leases=%d", len(self._held))
+        for token, key_name in list(self._held.items()):
+            await self._restore(
+                keys=[self._prefix + f"slots:{key_name}"], args=[self._lease_ms, token]
+            )
 
     @asynccontextmanager
     async def slot(self, job_id: str | None = None) -> AsyncIterator[Lease]:
         """Hold one slot of some usable key for the duration of the block."""
         async with self._local:
             lease = await self._wait_for_slot(job_id)
+            self._held[lease.token] = lease.key.name
             try:
                 yield lease
             finally:
-                await self._redis.zrem(self._prefix + f"slots:{lease.key.name}", lease.token)
+                del self._held[lease.token]
+                try:
+                    await self._redis.zrem(self._prefix + f"slots:{lease.key.name}", lease.token)
+                except REDIS_DOWN_ERRORS:
+                    log.warning("action=slot_release_failed key=%s", lease.key.name)
 
     async def _wait_for_slot(self, job_id: str | None) -> Lease:
         token = uuid.uuid4().hex
         poll_s = constants.SLOT_POLL_MIN_S
+        outage_s = 0.0
         while True:
-            outcome, value = await self._try_acquire(token, job_id)
+            try:
+                outcome, value = await self._try_acquire(token, job_id)
+            except REDIS_DOWN_ERRORS:
+                # Redis restarting: wait it out; no call is made without a slot.
+                outage_s = min(max(outage_s * 2, 0.1), constants.REDIS_RETRY_MAX_S)
+                log.warning("action=redis_unreachable retry_in_s=%.1f", outage_s)
+                await asyncio.sleep(outage_s)
+                continue
+            outage_s = 0.0
             if outcome == "ok":
                 return Lease(self._keys[value], token)
             if outcome == "cancelled":
@@ -139,16 +206,23 @@ class KeyPool:
 
     async def pause(self, key_name: str, seconds: float) -> None:
         """Stop every worker from calling on this key for `seconds` (after a 429)."""
-        await self._pause(
-            keys=[self._prefix + f"pause:{key_name}"], args=[max(1, int(seconds * 1000)), "1"]
-        )
+        try:
+            await self._pause(
+                keys=[self._prefix + f"pause:{key_name}"],
+                args=[max(1, int(seconds * 1000)), "1"],
+            )
+        except REDIS_DOWN_ERRORS:
+            log.warning("action=pause_failed key=%s", key_name)
 
     async def take_out_of_use(self, key_name: str, reason: str, seconds: float | None) -> None:
         name = self._prefix + f"revoked:{key_name}"
-        if seconds:
-            await self._redis.set(name, reason, px=max(1, int(seconds * 1000)))
-        else:
-            await self._redis.set(name, reason)
+        try:
+            if seconds:
+                await self._redis.set(name, reason, px=max(1, int(seconds * 1000)))
+            else:
+                await self._redis.set(name, reason)
+        except REDIS_DOWN_ERRORS:
+            log.warning("action=revoke_failed key=%s", key_name)
 
     async def describe_unusable(self) -> str:
         reasons = []
