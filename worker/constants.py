@@ -37,7 +37,9 @@ QUEUE_INTERACTIVE = "interactive"
 QUEUE_BULK = "bulk"
 PRIORITIES = (QUEUE_INTERACTIVE, QUEUE_BULK)
 # Requests sent to a worker in one Celery message; they run concurrently there.
-REQUESTS_PER_TASK = {QUEUE_INTERACTIVE: 1, QUEUE_BULK: 8}
+REQUESTS_PER_TASK = {QUEUE_INTERACTIVE: 1, QUEUE_BULK: 32}
+# A task writes the requests that finished in this interval in one transaction.
+RECORD_INTERVAL_S = 0.05
 
 # Redis keys. {name} is a key NAME, never a secret.
 REDIS_PREFIX = "rerank:"

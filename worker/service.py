@@ -8,8 +8,9 @@ import functools
 import json
 import logging
 import threading
+import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
 
@@ -31,7 +32,10 @@ from worker.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DOCUMENT_BATCH = 1000
+# Rows per multi-row INSERT while ingesting.
+REQUEST_BATCH = 500
+DOCUMENT_BATCH = 5000
+MAX_WARNINGS = 20
 
 
 def sessions(settings: Settings | None = None) -> sessionmaker[Session]:
@@ -65,68 +69,109 @@ class SubmitResult:
     warnings: list[str] = field(default_factory=list)
 
 
+def _split_warning(
+    request: ingest.RequestInput, documents: int, per_call_cap: int | None
+) -> str | None:
+    per_call = catalog.max_documents_per_call(request.model, per_call_cap)
+    if catalog.model_spec(request.model).pointwise or documents <= per_call:
+        return None
+    return (
+        f"request '{request.custom_id}': model {request.model} ranks all documents of a call "
+        f"together; split into calls of {per_call}, its scores are not comparable across calls"
+    )
+
+
+def _request_row(
+    job_id: str, request: ingest.RequestInput, enqueued_at: dt.datetime
+) -> dict[str, Any]:
+    return {
+        "job_id": job_id,
+        "position": request.position,
+        "custom_id": request.custom_id,
+        "query": request.query,
+        "model": request.model,
+        "top_n": request.top_n,
+        "return_documents": request.return_documents,
+        "document_count": len(request.documents),
+        "status": RequestStatus.QUEUED,
+        "deliveries": 0,
+        "total_tokens": 0,
+        "enqueued_at": enqueued_at,
+    }
+
+
+def _document_rows(
+    request_id: int, documents: Iterable[ingest.DocumentInput], start: int = 0
+) -> list[dict[str, Any]]:
+    return [
+        {"request_id": request_id, "position": position, "content": d.content, "doc_id": d.doc_id}
+        for position, d in enumerate(documents, start=start)
+    ]
+
+
 def _store_requests(
     session: Session,
     job_id: str,
     requests: Iterable[ingest.RequestInput],
     warnings: list[str],
-    max_documents_per_call: int | None,
+    per_call_cap: int | None,
 ) -> int:
+    """Insert requests and their documents in batches (multi-row INSERTs)."""
+    now = utcnow()
     count = 0
+    batch: list[ingest.RequestInput] = []
+    batch_documents = 0
+
+    def flush() -> None:
+        ids = repository.insert_requests(session, [_request_row(job_id, r, now) for r in batch])
+        rows = [
+            row
+            for rid, r in zip(ids, batch, strict=True)
+            for row in _document_rows(rid, r.documents)
+        ]
+        repository.insert_documents(session, rows)
+        batch.clear()
+
     for request in requests:
-        spec = catalog.model_spec(request.model)
-        per_call = catalog.max_documents_per_call(request.model, max_documents_per_call)
-        if not spec.pointwise and len(request.documents) > per_call and len(warnings) < 20:
-            warnings.append(
-                f"request '{request.custom_id}': model {request.model} ranks all documents of a "
-                f"call together; split into calls of {per_call}, its scores are not comparable "
-                "across calls"
-            )
-        request_id = repository.insert_request(
-            session,
-            {
-                "job_id": job_id,
-                "position": request.position,
-                "custom_id": request.custom_id,
-                "query": request.query,
-                "model": request.model,
-                "top_n": request.top_n,
-                "return_documents": request.return_documents,
-                "document_count": len(request.documents),
-                "status": RequestStatus.QUEUED,
-            },
-        )
-        batch = []
-        for position, doc in enumerate(request.documents):
-            batch.append(
-                {
-                    "request_id": request_id,
-                    "position": position,
-                    "content": doc.content,
-                    "doc_id": doc.doc_id,
-                }
-            )
-            if len(batch) >= DOCUMENT_BATCH:
-                repository.insert_documents(session, batch)
-                batch = []
-        repository.insert_documents(session, batch)
+        warning = _split_warning(request, len(request.documents), per_call_cap)
+        if warning and len(warnings) < MAX_WARNINGS:
+            warnings.append(warning)
+        batch.append(request)
+        batch_documents += len(request.documents)
         count += 1
+        if len(batch) >= REQUEST_BATCH or batch_documents >= DOCUMENT_BATCH:
+            flush()
+            batch_documents = 0
+    if batch:
+        flush()
     return count
 
 
-def _corpus_request(
-    lines: Iterable[bytes], *, query: str, model: str, top_n: int | None
-) -> Iterator[ingest.RequestInput]:
-    request = ingest.RequestInput(
-        position=0,
-        custom_id="corpus",
-        query=query,
-        model=model,
-        top_n=top_n,
-        return_documents=False,
-        documents=list(ingest.iter_corpus(lines)),
-    )
-    yield request
+def _store_corpus(
+    session: Session,
+    job_id: str,
+    lines: Iterable[bytes],
+    request: ingest.RequestInput,
+    warnings: list[str],
+    per_call_cap: int | None,
+) -> int:
+    """One request whose documents stream from the file in batches (constant memory)."""
+    (request_id,) = repository.insert_requests(session, [_request_row(job_id, request, utcnow())])
+    count = 0
+    chunk: list[ingest.DocumentInput] = []
+    for document in ingest.iter_corpus(lines):
+        chunk.append(document)
+        if len(chunk) >= DOCUMENT_BATCH:
+            repository.insert_documents(session, _document_rows(request_id, chunk, count))
+            count += len(chunk)
+            chunk = []
+    repository.insert_documents(session, _document_rows(request_id, chunk, count))
+    count += len(chunk)
+    repository.set_document_count(session, request_id, count)
+    warning = _split_warning(request, count, per_call_cap)
+    if warning:
+        warnings.append(warning)
+    return 1
 
 
 def submit_job(
@@ -169,15 +214,22 @@ def submit_job(
                 )
             )
             session.flush()
+            cap = settings.max_documents_per_call
             if query is not None:
                 if not query.strip():
                     raise errors.InputError("--query must not be empty")
-                requests = _corpus_request(lines, query=query, model=model, top_n=top_n)
+                corpus = ingest.RequestInput(
+                    position=0,
+                    custom_id="corpus",
+                    query=query,
+                    model=model,
+                    top_n=top_n,
+                    return_documents=False,
+                )
+                total = _store_corpus(session, job_id, lines, corpus, warnings, cap)
             else:
                 requests = ingest.iter_requests(lines, default_model=model, default_top_n=top_n)
-            total = _store_requests(
-                session, job_id, requests, warnings, settings.max_documents_per_call
-            )
+                total = _store_requests(session, job_id, requests, warnings, cap)
             job = session.get(Job, job_id)
             assert job is not None
             job.total_requests = total
@@ -212,7 +264,6 @@ def publish(ids: list[int], priority: str) -> None:
     for start in range(0, len(ids), per_task):
         chunk = ids[start : start + per_task]
         run_requests.apply_async(args=[chunk], queue=priority, retry=False)
-        _in_transaction(lambda s, c=chunk: repository.mark_enqueued(s, c))  # type: ignore[misc]
 
 
 # ---------------------------------------------------------------- run
@@ -237,13 +288,13 @@ def run_requests(request_ids: list[int]) -> int:
     engine = get_engine(settings)
     pending = {engine.submit(w): w for w in work}
     renew_every_s = settings.request_lease_s / 3
+    renewed_at = time.monotonic()
     while pending:
-        done, _ = concurrent.futures.wait(
-            pending, timeout=renew_every_s, return_when=concurrent.futures.FIRST_COMPLETED
-        )
-        for future in done:
-            _record(_outcome_of(future, pending.pop(future)))
-        if not done:
+        # Finished requests are written in batches, one transaction per interval.
+        done, _ = concurrent.futures.wait(pending, timeout=constants.RECORD_INTERVAL_S)
+        if done:
+            _record([_outcome_of(future, pending.pop(future)) for future in done])
+        if pending and time.monotonic() - renewed_at > renew_every_s:
             # Still working: keep the leases so the sweeper does not hand these out again.
             renew = functools.partial(
                 repository.renew_leases,
@@ -251,6 +302,7 @@ def run_requests(request_ids: list[int]) -> int:
                 lease_s=settings.request_lease_s,
             )
             _in_transaction(renew)
+            renewed_at = time.monotonic()
     return len(work)
 
 
@@ -270,10 +322,11 @@ def _outcome_of(
         )
 
 
-def _record(outcome: RequestOutcome) -> None:
+def _record(outcomes: list[RequestOutcome]) -> None:
     def write(session: Session) -> None:
-        repository.record_outcome(session, outcome)
-        repository.complete_job_if_done(session, outcome.job_id)
+        repository.record_outcomes(session, outcomes)
+        for job_id in {o.job_id for o in outcomes}:
+            repository.complete_job_if_done(session, job_id)
 
     _in_transaction(write)
 
@@ -439,7 +492,9 @@ def sweep_once(settings: Settings) -> int:
         by_priority.setdefault(priority, []).append(request_id)
     for priority, ids in by_priority.items():
         log.warning("action=sweep_requeue priority=%s requests=%d", priority, len(ids))
-        publish(sorted(set(ids)), priority)
+        unique = sorted(set(ids))
+        publish(unique, priority)
+        _in_transaction(functools.partial(repository.mark_enqueued, ids=unique), settings)
     return len(found)
 
 

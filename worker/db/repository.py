@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, delete, func, insert, or_, select, update
+from sqlalchemy import bindparam, case, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from worker.db.base import utcnow
@@ -61,13 +61,20 @@ def list_jobs(session: Session, *, status: str | None, limit: int) -> Sequence[J
     return session.scalars(query).all()
 
 
-def insert_request(session: Session, values: dict[str, Any]) -> int:
-    return int(session.execute(insert(Request).values(**values).returning(Request.id)).scalar_one())
+def insert_requests(session: Session, rows: list[dict[str, Any]]) -> list[int]:
+    """Multi-row INSERT; the new ids come back in the order of `rows`."""
+    table = Request.__table__
+    statement = insert(table).returning(table.c.id, sort_by_parameter_order=True)
+    return list(session.execute(statement, rows).scalars())
 
 
 def insert_documents(session: Session, rows: list[dict[str, Any]]) -> None:
     if rows:
-        session.execute(insert(Document), rows)
+        session.execute(insert(Document.__table__), rows)
+
+
+def set_document_count(session: Session, request_id: int, count: int) -> None:
+    session.execute(update(Request).where(Request.id == request_id).values(document_count=count))
 
 
 def request_ids(session: Session, job_id: str, statuses: Iterable[str]) -> list[int]:
@@ -121,10 +128,18 @@ def claim_requests(
         )
     if not runnable:
         return [], poison
-    rows = session.execute(
-        select(Request).where(Request.id.in_(runnable)).order_by(Request.id)
-    ).scalars()
-    requests = list(rows)
+    requests = session.execute(
+        select(
+            Request.id,
+            Request.job_id,
+            Request.query,
+            Request.model,
+            Request.top_n,
+            Request.return_documents,
+        )
+        .where(Request.id.in_(runnable))
+        .order_by(Request.id)
+    ).all()
     session.execute(
         update(Job)
         .where(Job.id.in_({r.job_id for r in requests}), Job.status == JobStatus.QUEUED)
@@ -164,51 +179,64 @@ def renew_leases(session: Session, ids: Sequence[int], *, lease_s: float) -> Non
     )
 
 
-def record_outcome(session: Session, outcome: RequestOutcome) -> bool:
-    """Write a request's outcome once; every upstream attempt is logged even if not.
+def record_outcomes(session: Session, outcomes: Sequence[RequestOutcome]) -> None:
+    """Write finished requests in one round of statements; every upstream attempt is logged.
 
-    The update only applies while the request is still running, so a run that lost its
-    lease to another worker cannot overwrite or duplicate results. Returns whether it applied.
+    Results apply only while a request is still running, so a run that lost its lease to
+    another worker cannot overwrite or duplicate them; the tokens billed for every run are
+    added to the request all the same.
     """
-    if outcome.calls:
+    calls = [
+        {
+            "job_id": o.job_id,
+            "request_id": o.request_id,
+            "key_name": c.key_name,
+            "model": c.model,
+            "status_code": c.status_code,
+            "outcome": c.outcome,
+            "documents": c.documents,
+            "total_tokens": c.total_tokens,
+            "latency_ms": c.latency_ms,
+            "created_at": c.created_at,
+        }
+        for o in outcomes
+        for c in o.calls
+    ]
+    if calls:
+        session.execute(insert(UpstreamCall.__table__), calls)
+    table = Request.__table__
+    billed = [
+        {"b_id": o.request_id, "b_tokens": o.total_tokens} for o in outcomes if o.total_tokens
+    ]
+    if billed:
         session.execute(
-            insert(UpstreamCall),
-            [
-                {
-                    "job_id": outcome.job_id,
-                    "request_id": outcome.request_id,
-                    "key_name": c.key_name,
-                    "model": c.model,
-                    "status_code": c.status_code,
-                    "outcome": c.outcome,
-                    "documents": c.documents,
-                    "total_tokens": c.total_tokens,
-                    "latency_ms": c.latency_ms,
-                    "created_at": c.created_at,
-                }
-                for c in outcome.calls
-            ],
+            update(table)
+            .where(table.c.id == bindparam("b_id"))
+            .values(total_tokens=table.c.total_tokens + bindparam("b_tokens")),
+            billed,
         )
-    applied = session.execute(
-        update(Request)
-        .where(Request.id == outcome.request_id, Request.status == RequestStatus.RUNNING)
+    session.execute(
+        update(table)
+        .where(table.c.id == bindparam("b_id"), table.c.status == RequestStatus.RUNNING)
         .values(
-            status=outcome.status,
-            results_json=outcome.results_json,
-            total_tokens=Request.total_tokens + outcome.total_tokens,
-            error_type=outcome.error_type,
-            error_message=outcome.error_message,
+            status=bindparam("b_status"),
+            results_json=bindparam("b_results"),
+            error_type=bindparam("b_error_type"),
+            error_message=bindparam("b_error_message"),
             finished_at=utcnow(),
             lease_expires_at=None,
-        )
-    ).rowcount
-    if not applied:
-        session.execute(
-            update(Request)
-            .where(Request.id == outcome.request_id)
-            .values(total_tokens=Request.total_tokens + outcome.total_tokens)
-        )
-    return bool(applied)
+        ),
+        [
+            {
+                "b_id": o.request_id,
+                "b_status": o.status,
+                "b_results": o.results_json,
+                "b_error_type": o.error_type,
+                "b_error_message": o.error_message,
+            }
+            for o in outcomes
+        ],
+    )
 
 
 def complete_job_if_done(session: Session, job_id: str) -> bool:

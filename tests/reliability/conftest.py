@@ -1,0 +1,290 @@
+"""Servers that a reliability test owns outright: a Redis and a PostgreSQL cluster of its own,
+on free ports, that the test stops and starts again mid-job.
+
+The machine's shared servers (tests/conftest.py) cannot be restarted under other tests; these
+can. Both are always stopped, and their files removed, at teardown.
+
+A note on imports: the test modules here (and tests/jobs_support.py) say `from conftest import
+Env, ...` meaning tests/conftest.py. pytest imports every conftest.py that is not in a package
+under the one module name `conftest`, so once this file is loaded that name means this module.
+Names this module does not define are therefore looked up in tests/conftest.py (PEP 562), so
+those imports keep working unchanged.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import redis
+
+from worker import embedded
+from worker.db import migrate
+
+_ROOT_CONFTEST = Path(__file__).resolve().parent.parent / "conftest.py"
+_root_module: ModuleType | None = None
+
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 30.0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Find tests/conftest.py as pytest loaded it (same objects, not a second copy)."""
+    global _root_module
+    for plugin in config.pluginmanager.get_plugins():
+        path = getattr(plugin, "__file__", None)
+        if isinstance(plugin, ModuleType) and path and Path(path).resolve() == _ROOT_CONFTEST:
+            _root_module = plugin
+
+
+def __getattr__(name: str) -> Any:
+    if name.startswith(("__", "pytest_")) or _root_module is None:
+        raise AttributeError(name)
+    return getattr(_root_module, name)
+
+
+def free_port() -> int:
+    """A port nobody listens on right now (the OS picks it; the socket is closed again)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _poll(predicate: Any, timeout_s: float, what: str, every_s: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(every_s)
+
+
+# ------------------------------------------------------------------------------------- Redis
+
+
+class OwnRedis:
+    """A redis-server process on its own port and directory; stop() and start() it at will.
+
+    `start(persist=True)` runs with an append-only file (fsync on every write, so nothing
+    acknowledged is lost on stop) and loads what a previous persistent run wrote;
+    `start(persist=False)` starts empty, as a Redis restarted without persistence does.
+    RDB snapshots are always off (`--save ""`).
+    """
+
+    def __init__(self, directory: Path, port: int) -> None:
+        self.directory = directory
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.log_path = directory / "redis.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self._binary = embedded.find_redis_server()
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=2)
+
+    def ping(self) -> bool:
+        client = redis.Redis.from_url(
+            self.url, socket_timeout=1, socket_connect_timeout=1, retry_on_timeout=False
+        )
+        try:
+            return bool(client.ping())
+        except redis.exceptions.RedisError:
+            return False
+        finally:
+            client.close()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self, persist: bool = True) -> None:
+        assert not self.running, "own Redis is already running"
+        if not persist:
+            for leftover in ("appendonly.aof", "appendonlydir", "dump.rdb"):
+                path = self.directory / leftover
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+        command = [
+            self._binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.directory),
+            "--save", "",
+            "--appendonly", "yes" if persist else "no",
+            "--appendfsync", "always",
+            "--daemonize", "no",
+            "--logfile", str(self.log_path),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.starts += 1
+        _poll(
+            lambda: self.ping() or not self.running, START_TIMEOUT_S, f"redis on port {self.port}"
+        )
+        if not self.running:
+            raise AssertionError(f"own redis-server failed to start:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        """SHUTDOWN NOSAVE (an AOF is still flushed); SIGKILL if it does not go."""
+        process = self.process
+        if process is None or process.poll() is not None:
+            self.process = None
+            return
+        client = self.client()
+        try:
+            client.shutdown(nosave=True)
+        except redis.exceptions.RedisError:
+            pass  # the connection closing under us is the expected answer
+        finally:
+            client.close()
+        try:
+            process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=STOP_TIMEOUT_S)
+        self.process = None
+
+    def restart(self, persist: bool) -> None:
+        self.stop()
+        self.start(persist=persist)
+
+    def log_tail(self, lines: int = 20) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    """A Redis of this test's own, started with persistence on; stopped at teardown."""
+    directory = tmp_path / "own-redis"
+    directory.mkdir()
+    server = OwnRedis(directory, free_port())
+    server.start(persist=True)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# -------------------------------------------------------------------------------- PostgreSQL
+
+
+def _postgres_bindir() -> Path:
+    candidates = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: [int(x) for x in Path(p).parent.parent.name.split(".") if x.isdigit()],
+    )
+    if not candidates:
+        found = shutil.which("initdb")
+        if found is None:
+            raise AssertionError("no initdb under /usr/lib/postgresql/*/bin nor on PATH")
+        return Path(found).parent
+    return Path(candidates[-1]).parent
+
+
+class OwnPostgres:
+    """A PostgreSQL cluster this test created with initdb (trust auth, user postgres).
+
+    The server binaries refuse to run as root, so as root they run as the `postgres` user.
+    """
+
+    def __init__(self, base: Path, port: int) -> None:
+        self.base = base
+        self.data = base / "data"
+        self.port = port
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+        self.log_path = self.data / "server.log"
+        self._bindir = _postgres_bindir()
+        self._as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    def _run(self, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+        binary = str(self._bindir / args[0])
+        done = subprocess.run(
+            [*self._as_postgres, binary, *args[1:]],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            cwd=self.base,
+        )
+        if done.returncode != 0:
+            raise AssertionError(
+                f"{args[0]} {' '.join(args[1:])} failed ({done.returncode}):\n"
+                f"{done.stdout}\n{done.stderr}\n{self.log_tail()}"
+            )
+        return done
+
+    def initdb(self) -> None:
+        self.data.mkdir(mode=0o700)
+        if self._as_postgres:
+            shutil.chown(self.data, "postgres", "postgres")
+        self._run(
+            "initdb", "-D", str(self.data), "--auth=trust", "-U", "postgres",
+            "-E", "UTF8", "--no-sync", "--no-instructions",
+        )  # fmt: skip
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1"
+        self._run(
+            "pg_ctl", "-D", str(self.data), "-l", str(self.log_path), "-o", options,
+            "-w", "-t", "60", "start",
+        )  # fmt: skip
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
+
+    def restart(self) -> None:
+        # Not `pg_ctl restart`: it forgets -l, and the server would then hold our pipes open.
+        self.stop()
+        self.start()
+
+    @property
+    def running(self) -> bool:
+        done = subprocess.run(
+            [*self._as_postgres, str(self._bindir / "pg_ctl"), "-D", str(self.data), "status"],
+            capture_output=True,
+            cwd=self.base,
+        )
+        return done.returncode == 0
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[OwnPostgres]:
+    """A fresh cluster on a free port, migrated to head; stopped and removed at teardown."""
+    # Under /tmp, not pytest's tmp_path: the postgres user must be able to reach it.
+    base = Path(tempfile.mkdtemp(prefix="rerank-pg-", dir="/tmp"))
+    base.chmod(0o755)
+    server = OwnPostgres(base, free_port())
+    try:
+        server.initdb()
+        server.start()
+        migrate.upgrade(server.url)
+        yield server
+    finally:
+        from worker.db.session import get_engine
+
+        get_engine(server.url).dispose()
+        if server.data.exists() and server.running:
+            server.stop(mode="immediate")
+        shutil.rmtree(base, ignore_errors=True)
