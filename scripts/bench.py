@@ -172,7 +172,11 @@ def write_requests(path: Path, count: int, docs: int, seed: int = 1) -> None:
 
 def cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "worker", *args], env=env, capture_output=True, text=True, check=check
+        [sys.executable, "-m", "worker", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=check,
     )
 
 
@@ -191,14 +195,19 @@ def worker(env: dict[str, str], *extra: str) -> Iterator[subprocess.Popen[bytes]
 
 
 def wait_job(env: dict[str, str], job_id: str, timeout_s: float = 900) -> dict[str, Any]:
+    """Poll the job's status in SQL from this process (a CLI per poll would eat a core)."""
+    from worker.service import job_status
+    from worker.settings import Settings
+
+    settings = Settings(database_url=env["RERANK_DATABASE_URL"])
     deadline = time.monotonic() + timeout_s
     while True:
-        status = json.loads(cli(env, "status", job_id, "--json").stdout)
+        status = job_status(job_id, settings)
         if status["status"] in ("completed", "cancelled", "failed"):
             return dict(status)
         if time.monotonic() > deadline:
             raise RuntimeError(f"job {job_id} not done after {timeout_s}s: {status}")
-        time.sleep(0.25)
+        time.sleep(0.1)
 
 
 def bench_throughput(requests: int, docs: int, worker_args: list[str]) -> dict[str, Any]:
@@ -273,7 +282,9 @@ def bench_bare(calls: int, docs: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--only", choices=["throughput", "bare"], action="append")
     parser.add_argument("--requests", type=int, default=16_000)
     parser.add_argument("--docs", type=int, default=10)
@@ -284,7 +295,12 @@ def main() -> None:
     if "bare" in chosen:
         rows.append(("bare asyncio+httpx client", bench_bare(args.requests, args.docs)))
     if "throughput" in chosen:
-        rows.append(("rerank-worker, 1 worker", bench_throughput(args.requests, args.docs, args.worker_args.split())))
+        rows.append(
+            (
+                "rerank-worker, 1 worker",
+                bench_throughput(args.requests, args.docs, args.worker_args.split()),
+            )
+        )
     for name, figures in rows:
         print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
 

@@ -6,6 +6,7 @@ database and a flushed Redis database index of its own.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -167,21 +168,23 @@ class Env:
         return process
 
     def kill_worker(self, process: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
-        try:
+        """Signal the worker's whole process group and wait for it to end."""
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
         process.wait(timeout=30)
 
     def stop_workers(self) -> None:
+        """A warm shutdown for each, then SIGKILL for any still alive: none outlives its test."""
         for process in self.workers:
-            if process.poll() is None:
-                self.kill_worker(process, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
         for process in self.workers:
             try:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                self.kill_worker(process, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
 
     def all_logs(self) -> str:
         return "".join(p.read_text(errors="replace") for p in self.logs if p.exists())

@@ -26,7 +26,7 @@ SLOT_POLL_MAX_S = 0.05
 REDIS_RETRY_MAX_S = 2.0
 
 # Requests are claimed with a lease in SQL; the sweeper re-enqueues expired ones.
-REQUEST_LEASE_S = 120.0
+REQUEST_LEASE_S = 30.0
 SWEEP_INTERVAL_S = 5.0
 # A queued request whose message is older than this, with its queue empty, is re-sent.
 DISPATCH_STALE_S = 30.0
@@ -38,8 +38,11 @@ QUEUE_BULK = "bulk"
 PRIORITIES = (QUEUE_INTERACTIVE, QUEUE_BULK)
 # Requests sent to a worker in one Celery message; they run concurrently there.
 REQUESTS_PER_TASK = {QUEUE_INTERACTIVE: 1, QUEUE_BULK: 32}
-# A task writes the requests that finished in this interval in one transaction.
+# The recorder writes the requests that finished in this interval in one transaction.
 RECORD_INTERVAL_S = 0.05
+# Requests a worker process holds at once (claimed, waiting for a slot or in flight).
+BACKLOG_PER_SLOT = 3
+MIN_BACKLOG = 32
 
 # Redis keys. {name} is a key NAME, never a secret.
 REDIS_PREFIX = "rerank:"

@@ -16,6 +16,9 @@ from typing import Any, TypeVar
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry as SyncRetry
 
 from worker import constants, embedded
 from worker.domain import RequestOutcome, RequestWork
@@ -26,6 +29,7 @@ from worker.upstream.limits import KeyPool
 from worker.upstream.retry import RetryPolicy
 
 T = TypeVar("T")
+REDIS_COMMAND_RETRIES = 3
 
 
 def redis_url(settings: Settings) -> str:
@@ -37,7 +41,24 @@ def redis_url(settings: Settings) -> str:
 
 @functools.lru_cache(maxsize=4)
 def sync_redis(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=10, health_check_interval=30)
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=10,
+        health_check_interval=30,
+        retry=SyncRetry(ExponentialBackoff(cap=1.0, base=0.05), REDIS_COMMAND_RETRIES),
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+    )
+
+
+def async_redis(url: str) -> aioredis.Redis:
+    """The engine's client. A command on a connection that a Redis restart closed is sent
+    again on a new one, so a slot release or a pause is not lost to a restart that is over."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=10,
+        retry=AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), REDIS_COMMAND_RETRIES),
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+    )
 
 
 def lease_s(settings: Settings) -> float:
@@ -60,7 +81,7 @@ class Engine:
 
     async def _build(self) -> Reranker:
         settings = self._settings
-        self._redis = aioredis.Redis.from_url(self._url, socket_timeout=10)
+        self._redis = async_redis(self._url)
         self._client = RerankClient(
             settings.api_base,
             timeout_s=settings.call_timeout_s,

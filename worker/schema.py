@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import functools
+from pathlib import Path
 
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -22,8 +24,13 @@ def ensure_schema(database_url: str) -> None:
         current = MigrationContext.configure(connection).get_current_revision()
     if current == head:
         return
-    if make_url(database_url).get_backend_name() == "sqlite":
-        migrate.upgrade(database_url)
+    parsed = make_url(database_url)
+    if parsed.get_backend_name() == "sqlite":
+        # Several processes (a demo, workers) may start on a new file at once.
+        lock_path = Path(parsed.database or "rerank.db").with_suffix(".migrate.lock")
+        with lock_path.open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            migrate.upgrade(database_url)
         return
     raise errors.ConfigError(
         f"the database is at schema revision {current or 'none'}, not {head}: "

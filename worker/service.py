@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import datetime as dt
 import functools
 import json
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -16,17 +14,16 @@ from typing import IO, Any, TypeVar
 
 import kombu.exceptions
 import redis
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
-from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from worker import catalog, constants, errors, ingest
 from worker.db import repository
 from worker.db.base import utcnow
 from worker.db.models import Job, JobStatus, RequestStatus
-from worker.db.session import get_sessionmaker
-from worker.domain import RequestOutcome, RequestWork
-from worker.runtime import get_engine, redis_url, sync_redis
+from worker.db.session import get_sessionmaker, in_transaction
+from worker.pipeline import get_pipeline
+from worker.runtime import redis_url, sync_redis
 from worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -42,19 +39,8 @@ def sessions(settings: Settings | None = None) -> sessionmaker[Session]:
     return get_sessionmaker((settings or get_settings()).sqlalchemy_url())
 
 
-# Database restarts and lock timeouts are waited out rather than failing a paid-for result.
-_db_retry = retry(
-    retry=retry_if_exception_type(OperationalError),
-    wait=wait_exponential_jitter(initial=0.2, max=5),
-    stop=stop_after_delay(120),
-    reraise=True,
-)
-
-
-@_db_retry
 def _in_transaction(fn: Callable[[Session], T], settings: Settings | None = None) -> T:
-    with sessions(settings).begin() as session:
-        return fn(session)
+    return in_transaction((settings or get_settings()).sqlalchemy_url(), fn)
 
 
 # ---------------------------------------------------------------- submit
@@ -270,7 +256,7 @@ def publish(ids: list[int], priority: str) -> None:
 
 
 def run_requests(request_ids: list[int]) -> int:
-    """Claim the requests, run them concurrently on the engine, record each as it ends."""
+    """Claim the requests in SQL and hand them to this process's pipeline."""
     settings = get_settings()
     work, poison = _in_transaction(
         lambda s: repository.claim_requests(
@@ -283,52 +269,9 @@ def run_requests(request_ids: list[int]) -> int:
     if poison:
         log.error("action=poison_request ids=%s", poison)
         _in_transaction(lambda s: repository.complete_jobs_of_requests(s, poison))
-    if not work:
-        return 0
-    engine = get_engine(settings)
-    pending = {engine.submit(w): w for w in work}
-    renew_every_s = settings.request_lease_s / 3
-    renewed_at = time.monotonic()
-    while pending:
-        # Finished requests are written in batches, one transaction per interval.
-        done, _ = concurrent.futures.wait(pending, timeout=constants.RECORD_INTERVAL_S)
-        if done:
-            _record([_outcome_of(future, pending.pop(future)) for future in done])
-        if pending and time.monotonic() - renewed_at > renew_every_s:
-            # Still working: keep the leases so the sweeper does not hand these out again.
-            renew = functools.partial(
-                repository.renew_leases,
-                ids=[w.request_id for w in pending.values()],
-                lease_s=settings.request_lease_s,
-            )
-            _in_transaction(renew)
-            renewed_at = time.monotonic()
+    if work:
+        get_pipeline(settings).run(work)
     return len(work)
-
-
-def _outcome_of(
-    future: concurrent.futures.Future[RequestOutcome], work: RequestWork
-) -> RequestOutcome:
-    try:
-        return future.result()
-    except Exception as exc:  # a bug must still end the request, never leave it stuck
-        log.exception("action=request_crashed request=%s", work.request_id)
-        return RequestOutcome(
-            request_id=work.request_id,
-            job_id=work.job_id,
-            status=RequestStatus.FAILED,
-            error_type="internal_error",
-            error_message=f"{type(exc).__name__}: {exc}",
-        )
-
-
-def _record(outcomes: list[RequestOutcome]) -> None:
-    def write(session: Session) -> None:
-        repository.record_outcomes(session, outcomes)
-        for job_id in {o.job_id for o in outcomes}:
-            repository.complete_job_if_done(session, job_id)
-
-    _in_transaction(write)
 
 
 # ---------------------------------------------------------------- read

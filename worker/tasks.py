@@ -8,7 +8,9 @@ from celery import signals
 
 from worker import service
 from worker.celery_app import app
+from worker.pipeline import close_pipeline
 from worker.runtime import close_engine
+from worker.settings import get_settings
 
 
 @app.task(name="rerank.run_requests", ignore_result=True)
@@ -24,4 +26,5 @@ def _start_sweeper(**_: Any) -> None:
 @signals.worker_shutdown.connect
 def _stop(**_: Any) -> None:
     service.stop_sweeper()
+    close_pipeline(timeout_s=get_settings().call_timeout_s * 2)
     close_engine()

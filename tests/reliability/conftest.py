@@ -2,7 +2,9 @@
 on free ports, that the test stops and starts again mid-job.
 
 The machine's shared servers (tests/conftest.py) cannot be restarted under other tests; these
-can. Both are always stopped, and their files removed, at teardown.
+can. Both are always stopped, and their files removed, at teardown. `make_env` is wrapped so
+that a worker stuck in its warm shutdown (waiting on a server a failed test left down) is
+killed at teardown rather than left running.
 
 A note on imports: the test modules here (and tests/jobs_support.py) say `from conftest import
 Env, ...` meaning tests/conftest.py. pytest imports every conftest.py that is not in a package
@@ -13,6 +15,7 @@ those imports keep working unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -52,6 +55,40 @@ def __getattr__(name: str) -> Any:
     if name.startswith(("__", "pytest_")) or _root_module is None:
         raise AttributeError(name)
     return getattr(_root_module, name)
+
+
+WARM_SHUTDOWN_S = 20.0
+
+
+@pytest.fixture
+def make_env(make_env: Any) -> Iterator[Any]:
+    """tests/conftest.py's make_env, plus a teardown that can never leave a worker behind.
+
+    Here workers outlive servers that were stopped on purpose; one that does not finish its
+    warm shutdown in time is killed, instead of the root teardown failing on it and leaving
+    it (and any worker after it) running, consuming other tests' messages.
+    """
+    made: list[Any] = []
+
+    def build(*args: Any, **kwargs: Any) -> Any:
+        env = make_env(*args, **kwargs)
+        made.append(env)
+        return env
+
+    yield build
+    for env in made:
+        alive = [p for p in env.workers if p.poll() is None]
+        for process in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + WARM_SHUTDOWN_S
+        for process in alive:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=STOP_TIMEOUT_S)
 
 
 def free_port() -> int:

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, case, delete, func, insert, or_, select, update
+from sqlalchemy import bindparam, case, delete, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from worker.db.base import utcnow
@@ -62,15 +62,53 @@ def list_jobs(session: Session, *, status: str | None, limit: int) -> Sequence[J
 
 
 def insert_requests(session: Session, rows: list[dict[str, Any]]) -> list[int]:
-    """Multi-row INSERT; the new ids come back in the order of `rows`."""
+    """Bulk insert; the new ids come back in the order of `rows`.
+
+    On PostgreSQL the ids are drawn from the sequence first and the rows sent by COPY.
+    """
     table = Request.__table__
-    statement = insert(table).returning(table.c.id, sort_by_parameter_order=True)
-    return list(session.execute(statement, rows).scalars())
+    if session.get_bind().dialect.name != "postgresql":
+        statement = insert(table).returning(table.c.id, sort_by_parameter_order=True)
+        return list(session.execute(statement, rows).scalars())
+    ids = list(
+        session.execute(
+            text(
+                "SELECT nextval(pg_get_serial_sequence('request', 'id')) FROM generate_series(1, :n)"
+            ),
+            {"n": len(rows)},
+        ).scalars()
+    )
+    columns = ("id", *rows[0])
+    _copy(
+        session, "request", columns, ((i, *row.values()) for i, row in zip(ids, rows, strict=True))
+    )
+    return ids
+
+
+DOCUMENT_COLUMNS = ("request_id", "position", "content", "doc_id")
 
 
 def insert_documents(session: Session, rows: list[dict[str, Any]]) -> None:
-    if rows:
+    """Bulk insert; on PostgreSQL through COPY, inside the session's transaction."""
+    if not rows:
+        return
+    if session.get_bind().dialect.name != "postgresql":
         session.execute(insert(Document.__table__), rows)
+        return
+    _copy(
+        session, "document", DOCUMENT_COLUMNS, (tuple(r[c] for c in DOCUMENT_COLUMNS) for r in rows)
+    )
+
+
+def _copy(
+    session: Session, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> None:
+    """COPY rows into a table inside the session's transaction (PostgreSQL)."""
+    driver = session.connection().connection.driver_connection
+    statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
+    with driver.cursor() as cursor, cursor.copy(statement) as copy:
+        for row in rows:
+            copy.write_row(row)
 
 
 def set_document_count(session: Session, request_id: int, count: int) -> None:
