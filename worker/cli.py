@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from sqlalchemy.exc import SQLAlchemyError
 
 from worker import constants, errors
 from worker.settings import Settings, get_settings
@@ -49,6 +50,9 @@ def _errors() -> Iterator[None]:
         fail(str(exc), EXIT_BAD_INPUT)
     except errors.RerankError as exc:
         fail(str(exc))
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        fail(f"database error ({type(exc).__name__}): {reason}")
     except OSError as exc:
         fail(f"{type(exc).__name__}: {exc}")
 

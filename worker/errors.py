@@ -28,10 +28,6 @@ class JobNotFound(RerankError):
     pass
 
 
-class StorageError(RerankError):
-    pass
-
-
 class InputError(RerankError):
     """A requests file is bad; names the line (1-based) and the field."""
 

@@ -30,6 +30,8 @@ from worker.upstream.retry import RetryPolicy
 
 T = TypeVar("T")
 REDIS_COMMAND_RETRIES = 3
+# The key slots cap calls in flight; a few spare connections cover ones being replaced.
+HTTP_SPARE_CONNECTIONS = 4
 
 
 def redis_url(settings: Settings) -> str:
@@ -85,7 +87,7 @@ class Engine:
         self._client = RerankClient(
             settings.api_base,
             timeout_s=settings.call_timeout_s,
-            max_connections=max(64, settings.total_slots * 2),
+            max_connections=settings.total_slots + HTTP_SPARE_CONNECTIONS,
         )
         self.pool = KeyPool(self._redis, settings.keys, lease_s=lease_s(settings))
         policy = RetryPolicy(

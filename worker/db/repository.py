@@ -1,4 +1,4 @@
-"""Every query rerank-worker makes. SQLAlchemy errors become StorageError here."""
+"""Every query rerank-worker makes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, case, delete, func, insert, or_, select, text, update
+from sqlalchemy import bindparam, case, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from worker.db.base import utcnow
@@ -433,10 +433,6 @@ def stale_queued(
 
 def unfinished_job_ids(session: Session) -> list[str]:
     return list(session.scalars(select(Job.id).where(Job.status.not_in(JOB_ENDED))))
-
-
-def delete_job(session: Session, job_id: str) -> None:
-    session.execute(delete(Job).where(Job.id == job_id))
 
 
 def job_warnings(job: Job) -> list[str]:
