@@ -185,7 +185,7 @@ class Reranker:
     def _pause_s(self, error: errors.RateLimited, failures: int) -> float:
         if error.retry_after_s is not None:
             return min(error.retry_after_s, constants.MAX_RETRY_AFTER_S)
-        return min(self._policy.cap_s, self._policy.base_s * 2**failures)
+        return min(self._policy.cap_s, self._policy.base_s * 2.0**failures)
 
     @staticmethod
     def _record(

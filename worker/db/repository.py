@@ -6,9 +6,21 @@ import datetime as dt
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import bindparam, case, func, insert, or_, select, text, update
+from sqlalchemy import (
+    CursorResult,
+    Result,
+    Table,
+    bindparam,
+    case,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from worker.db.base import utcnow
@@ -24,6 +36,15 @@ from worker.db.models import (
     UpstreamCall,
 )
 from worker.domain import RequestOutcome, RequestWork
+
+# Core tables, for bulk statements that skip the ORM's per-row work.
+REQUEST_TABLE = cast(Table, Request.__table__)
+DOCUMENT_TABLE = cast(Table, Document.__table__)
+UPSTREAM_CALL_TABLE = cast(Table, UpstreamCall.__table__)
+
+
+def _rowcount(result: Result[Any]) -> int:
+    return int(cast(CursorResult[Any], result).rowcount)
 
 
 @dataclass(frozen=True)
@@ -66,7 +87,7 @@ def insert_requests(session: Session, rows: list[dict[str, Any]]) -> list[int]:
 
     On PostgreSQL the ids are drawn from the sequence first and the rows sent by COPY.
     """
-    table = Request.__table__
+    table = REQUEST_TABLE
     if session.get_bind().dialect.name != "postgresql":
         statement = insert(table).returning(table.c.id, sort_by_parameter_order=True)
         return list(session.execute(statement, rows).scalars())
@@ -93,7 +114,7 @@ def insert_documents(session: Session, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
     if session.get_bind().dialect.name != "postgresql":
-        session.execute(insert(Document.__table__), rows)
+        session.execute(insert(DOCUMENT_TABLE), rows)
         return
     _copy(
         session, "document", DOCUMENT_COLUMNS, (tuple(r[c] for c in DOCUMENT_COLUMNS) for r in rows)
@@ -105,6 +126,7 @@ def _copy(
 ) -> None:
     """COPY rows into a table inside the session's transaction (PostgreSQL)."""
     driver = session.connection().connection.driver_connection
+    assert driver is not None
     statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
     with driver.cursor() as cursor, cursor.copy(statement) as copy:
         for row in rows:
@@ -241,8 +263,8 @@ def record_outcomes(session: Session, outcomes: Sequence[RequestOutcome]) -> Non
         for c in o.calls
     ]
     if calls:
-        session.execute(insert(UpstreamCall.__table__), calls)
-    table = Request.__table__
+        session.execute(insert(UPSTREAM_CALL_TABLE), calls)
+    table = REQUEST_TABLE
     billed = [
         {"b_id": o.request_id, "b_tokens": o.total_tokens} for o in outcomes if o.total_tokens
     ]
@@ -285,15 +307,17 @@ def complete_job_if_done(session: Session, job_id: str) -> bool:
         .exists()
     )
     return bool(
-        session.execute(
-            update(Job)
-            .where(
-                Job.id == job_id,
-                Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
-                ~pending,
+        _rowcount(
+            session.execute(
+                update(Job)
+                .where(
+                    Job.id == job_id,
+                    Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
+                    ~pending,
+                )
+                .values(status=JobStatus.COMPLETED, finished_at=utcnow())
             )
-            .values(status=JobStatus.COMPLETED, finished_at=utcnow())
-        ).rowcount
+        )
     )
 
 
@@ -315,11 +339,13 @@ def job_counts(session: Session, job_id: str) -> JobCounts:
 
 
 def cancel_job(session: Session, job_id: str) -> bool:
-    changed = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
-        .values(status=JobStatus.CANCELLED, finished_at=utcnow())
-    ).rowcount
+    changed = _rowcount(
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+            .values(status=JobStatus.CANCELLED, finished_at=utcnow())
+        )
+    )
     session.execute(
         update(Request)
         .where(Request.job_id == job_id, Request.status == RequestStatus.QUEUED)
