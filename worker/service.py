@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import json
 import logging
-import threading
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -14,7 +12,6 @@ from typing import IO, Any, TypeVar
 
 import kombu.exceptions
 import redis
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker import catalog, constants, errors, ingest
@@ -405,78 +402,3 @@ def cancel_job(job_id: str, settings: Settings | None = None) -> bool:
         mark = constants.CANCELLED_JOB_KEY.format(job_id=job_id)
         sync_redis(redis_url(settings)).set(mark, "1", ex=constants.CANCEL_MARK_TTL_S)
     return changed
-
-
-# ---------------------------------------------------------------- sweeper
-
-
-def sweep_once(settings: Settings) -> int:
-    """Re-enqueue what no worker holds any more; complete jobs with nothing pending.
-
-    Expired leases (a dead worker's requests) go back to the queue at once; queued
-    requests whose message is old are re-sent when the queues are empty (the broker
-    lost them: a flush, a restart without persistence, a submit while it was down).
-    """
-    now = utcnow()
-    stale_before = now - dt.timedelta(seconds=settings.dispatch_stale_s)
-    client = sync_redis(redis_url(settings))
-
-    def find(session: Session) -> list[tuple[int, str]]:
-        expired = repository.requeue_expired(session, now)
-        queues_empty = all(client.llen(q) == 0 for q in constants.PRIORITIES)
-        stale = repository.stale_queued(session, stale_before) if queues_empty else []
-        for job_id in repository.unfinished_job_ids(session):
-            repository.complete_job_if_done(session, job_id)
-        return expired + stale
-
-    found = _in_transaction(find, settings)
-    by_priority: dict[str, list[int]] = {}
-    for request_id, priority in found:
-        by_priority.setdefault(priority, []).append(request_id)
-    for priority, ids in by_priority.items():
-        log.warning("action=sweep_requeue priority=%s requests=%d", priority, len(ids))
-        unique = sorted(set(ids))
-        publish(unique, priority)
-        _in_transaction(functools.partial(repository.mark_enqueued, ids=unique), settings)
-    return len(found)
-
-
-class Sweeper(threading.Thread):
-    """One sweep at a time across all workers (a Redis lock), every sweep_interval_s."""
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(name="rerank-sweeper", daemon=True)
-        self._settings = settings
-        self._stop = threading.Event()
-
-    def run(self) -> None:
-        client = sync_redis(redis_url(self._settings))
-        interval_s = self._settings.sweep_interval_s
-        while not self._stop.wait(interval_s):
-            try:
-                if client.set(constants.SWEEPER_LOCK_KEY, "1", nx=True, px=int(interval_s * 900)):
-                    sweep_once(self._settings)
-            except (redis.exceptions.RedisError, SQLAlchemyError, OSError) as exc:
-                log.warning("action=sweep_failed reason=%s", type(exc).__name__)
-            except Exception:  # the sweeper is the safety net: it must outlive any bug
-                log.exception("action=sweep_crashed")
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
-_sweeper: Sweeper | None = None
-
-
-def start_sweeper() -> None:
-    global _sweeper
-    if _sweeper is None:
-        _sweeper = Sweeper(get_settings())
-        _sweeper.start()
-
-
-def stop_sweeper() -> None:
-    global _sweeper
-    if _sweeper is not None:
-        _sweeper.stop()
-        _sweeper = None

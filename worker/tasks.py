@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import signals
 
-from worker import service
+from worker import service, sweeper
 from worker.celery_app import app
 from worker.pipeline import close_pipeline
 from worker.runtime import close_engine
@@ -20,11 +20,11 @@ def run_requests(request_ids: list[int]) -> int:
 
 @signals.worker_ready.connect
 def _start_sweeper(**_: Any) -> None:
-    service.start_sweeper()
+    sweeper.start_sweeper()
 
 
 @signals.worker_shutdown.connect
 def _stop(**_: Any) -> None:
-    service.stop_sweeper()
+    sweeper.stop_sweeper()
     close_pipeline(timeout_s=get_settings().call_timeout_s * 2)
     close_engine()
