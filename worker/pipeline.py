@@ -25,7 +25,7 @@ from worker.db import repository
 from worker.db.models import RequestStatus
 from worker.db.session import in_transaction
 from worker.domain import RequestOutcome, RequestWork
-from worker.runtime import Engine, get_engine
+from worker.runtime import Engine
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -131,9 +131,10 @@ class Pipeline:
             log.exception("action=lease_renewal_failed requests=%d", len(ids))
 
     def close(self, timeout_s: float) -> None:
-        """Let running requests finish and be written (warm shutdown)."""
+        """Let running requests finish and be written (warm shutdown), then stop the engine."""
         self._stopping.set()
         self._recorder.join(timeout=timeout_s)
+        self._engine.close()
 
 
 _lock = threading.Lock()
@@ -141,11 +142,12 @@ _pipeline: tuple[int, Pipeline] | None = None
 
 
 def get_pipeline(settings: Settings) -> Pipeline:
+    """One pipeline, and so one engine, per process (a forked child builds its own)."""
     global _pipeline
     with _lock:
         if _pipeline is None or _pipeline[0] != os.getpid():
             backlog = max(constants.MIN_BACKLOG, constants.BACKLOG_PER_SLOT * settings.total_slots)
-            _pipeline = (os.getpid(), Pipeline(get_engine(settings), settings, max_backlog=backlog))
+            _pipeline = (os.getpid(), Pipeline(Engine(settings), settings, max_backlog=backlog))
         return _pipeline[1]
 
 

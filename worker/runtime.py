@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import os
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -113,24 +112,3 @@ class Engine:
         self._call(_close())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
-
-
-_engine_lock = threading.Lock()
-_engine: tuple[int, Engine] | None = None
-
-
-def get_engine(settings: Settings) -> Engine:
-    """One engine per process (a forked child builds its own)."""
-    global _engine
-    with _engine_lock:
-        if _engine is None or _engine[0] != os.getpid():
-            _engine = (os.getpid(), Engine(settings))
-        return _engine[1]
-
-
-def close_engine() -> None:
-    global _engine
-    with _engine_lock:
-        if _engine is not None and _engine[0] == os.getpid():
-            _engine[1].close()
-        _engine = None

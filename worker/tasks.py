@@ -9,7 +9,6 @@ from celery import signals
 from worker import service, sweeper
 from worker.celery_app import app
 from worker.pipeline import close_pipeline
-from worker.runtime import close_engine
 from worker.settings import get_settings
 
 
@@ -27,4 +26,3 @@ def _start_sweeper(**_: Any) -> None:
 def _stop(**_: Any) -> None:
     sweeper.stop_sweeper()
     close_pipeline(timeout_s=get_settings().call_timeout_s * 2)
-    close_engine()
