@@ -130,6 +130,9 @@ def submit(
     top_n: Annotated[int | None, typer.Option("--top-n", help="Results kept per request.")] = None,
     priority: Annotated[str, typer.Option(help="interactive or bulk.")] = constants.QUEUE_BULK,
     idempotency_key: Annotated[str | None, typer.Option("--idempotency-key")] = None,
+    use_cache: Annotated[
+        bool, typer.Option("--cache/--no-cache", help="Reuse and keep scores already paid for.")
+    ] = True,
     wait_: Annotated[bool, typer.Option("--wait", help="Wait until the job ends.")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -149,6 +152,7 @@ def submit(
                 top_n=top_n,
                 priority=priority,
                 idempotency_key=idempotency_key,
+                use_cache=use_cache,
                 settings=settings,
             )
         for warning in result.warnings:
@@ -200,6 +204,12 @@ def status(job: str, as_json: Annotated[bool, typer.Option("--json")] = False) -
         f"usage: {usage['total_tokens']} tokens, {usage['calls']} upstream calls, "
         f"cost {usage['cost']:.6f}"
     )
+    cache = info["cache"]
+    if cache["hits"]:
+        out.print(
+            f"score cache: {cache['hits']} documents ({cache['hit_rate']:.1%}), "
+            f"{cache['tokens_saved']} tokens and {cache['cost_saved']:.6f} saved"
+        )
     for warning in info["warnings"]:
         out.print(f"[yellow]warning:[/] {escape(warning)}")
 
@@ -311,6 +321,11 @@ def usage(
         str(report["total_tokens"]), f"{report['cost']:.6f}",
     )  # fmt: skip
     out.print(table)
+    cache = report["cache"]
+    out.print(
+        f"score cache: {cache['hits']} hits ({cache['hit_rate']:.1%} of documents), "
+        f"{cache['tokens_saved']} tokens and {cache['cost_saved']:.6f} saved"
+    )
 
 
 @app.command()

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from worker import constants
+
+
+class CachedScore(NamedTuple):
+    score: float
+    tokens: float
 
 
 @dataclass(frozen=True)
@@ -18,6 +26,11 @@ class RequestWork:
     return_documents: bool
     documents_json: list[str]
     doc_ids: list[str | None] | None = None
+    priority: str = constants.QUEUE_BULK
+    use_cache: bool = True
+    # Filled when the score cache applies: each document's key, and the hits by position.
+    cache_keys: list[bytes] | None = None
+    cached: dict[int, CachedScore] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -44,3 +57,7 @@ class RequestOutcome:
     error_type: str | None = None
     error_message: str | None = None
     calls: list[CallRecord] = field(default_factory=list)
+    cache_hits: int = 0
+    tokens_saved: int = 0
+    # (key, score, tokens) of every pair scored by a call, for the score cache.
+    new_scores: list[tuple[bytes, float, float]] = field(default_factory=list)

@@ -16,7 +16,7 @@ from typing import Any
 
 from worker import catalog, constants, errors
 from worker.db.base import utcnow
-from worker.domain import CallRecord, RequestOutcome, RequestWork
+from worker.domain import CachedScore, CallRecord, RequestOutcome, RequestWork
 from worker.upstream.client import CallResult, RerankClient, build_body
 from worker.upstream.limits import KeyPool
 from worker.upstream.retry import RetryPolicy
@@ -30,19 +30,21 @@ def split(count: int, per_call: int) -> list[tuple[int, int]]:
 
 
 def merge(
-    parts: Sequence[tuple[int, list[dict[str, Any]]]],
+    parts: Sequence[tuple[Sequence[int], list[dict[str, Any]]]],
     *,
     top_n: int | None,
     doc_ids: list[str | None] | None,
 ) -> list[dict[str, Any]]:
     """Merge the rankings of a split request; `index` points into the submitted documents.
 
-    A request sent in one call keeps the upstream's order exactly; parts are merged by
-    score, each part's own order kept (heapq.merge is stable).
+    Each part pairs a ranking with the positions of the documents it ranked (a call's
+    index i is the document at positions[i]). A request answered by one call keeps the
+    upstream's order exactly; parts are merged by score, each part's own order kept
+    (heapq.merge is stable).
     """
     shifted = [
-        [{**entry, "index": entry["index"] + offset} for entry in results]
-        for offset, results in parts
+        [{**entry, "index": positions[entry["index"]]} for entry in results]
+        for positions, results in parts
     ]
     if len(shifted) == 1:
         ranked = shifted[0]
@@ -56,6 +58,12 @@ def merge(
             if doc_id is not None:
                 entry["id"] = doc_id
     return ranked
+
+
+def cached_ranking(cached: dict[int, CachedScore]) -> list[dict[str, Any]]:
+    """The cache hits as one more part: best first, ties by position."""
+    ordered = sorted(cached.items(), key=lambda item: (-item[1].score, item[0]))
+    return [{"index": position, "relevance_score": hit.score} for position, hit in ordered]
 
 
 def _check_indices(result: CallResult, size: int, key_name: str) -> list[dict[str, Any]]:
@@ -97,12 +105,14 @@ class Reranker:
     async def run(self, work: RequestWork) -> RequestOutcome:
         outcome = RequestOutcome(request_id=work.request_id, job_id=work.job_id, status="running")
         per_call = catalog.max_documents_per_call(work.model, self._max_documents_per_call)
-        ranges = split(len(work.documents_json), per_call)
+        # Only the documents the cache does not know are sent, in calls as full as allowed.
+        unknown = [p for p in range(len(work.documents_json)) if p not in work.cached]
+        calls = [unknown[start:stop] for start, stop in split(len(unknown), per_call)]
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = [
-                    group.create_task(self._call_part(work, start, stop, outcome.calls))
-                    for start, stop in ranges
+                    group.create_task(self._call_part(work, positions, outcome))
+                    for positions in calls
                 ]
         except* errors.Cancelled:
             outcome.status = "cancelled"
@@ -113,7 +123,13 @@ class Reranker:
             outcome.status = "failed"
             outcome.error_type, outcome.error_message = first.kind, first.message
         else:
-            parts = [(start, task.result()) for (start, _), task in zip(ranges, tasks, strict=True)]
+            parts: list[tuple[Sequence[int], list[dict[str, Any]]]] = [
+                (positions, task.result()) for positions, task in zip(calls, tasks, strict=True)
+            ]
+            if work.cached:
+                parts.append((range(len(work.documents_json)), cached_ranking(work.cached)))
+                outcome.cache_hits = len(work.cached)
+                outcome.tokens_saved = round(sum(hit.tokens for hit in work.cached.values()))
             ranked = merge(parts, top_n=work.top_n, doc_ids=work.doc_ids)
             outcome.status = "succeeded"
             outcome.results_json = json.dumps(ranked, ensure_ascii=False, separators=(",", ":"))
@@ -121,14 +137,17 @@ class Reranker:
         return outcome
 
     async def _call_part(
-        self, work: RequestWork, start: int, stop: int, calls: list[CallRecord]
+        self, work: RequestWork, positions: list[int], outcome: RequestOutcome
     ) -> list[dict[str, Any]]:
-        size = stop - start
-        top_n = min(work.top_n, size) if work.top_n is not None else None
+        size = len(positions)
+        keys = work.cache_keys
+        # With the cache on, every score is asked for (top_n is applied after the merge):
+        # the tokens are the same, and the next run finds each pair.
+        top_n = min(work.top_n, size) if work.top_n is not None and keys is None else None
         body = build_body(
             model=work.model,
             query=work.query,
-            documents_json=work.documents_json[start:stop],
+            documents_json=[work.documents_json[p] for p in positions],
             top_n=top_n,
             return_documents=work.return_documents,
         )
@@ -142,12 +161,22 @@ class Reranker:
                     checked = _check_indices(result, size, lease.key.name)
                 except errors.UpstreamError as exc:
                     error = exc
-                    calls.append(self._record(work, lease.key.name, size, started, error=exc))
+                    outcome.calls.append(
+                        self._record(work, lease.key.name, size, started, error=exc)
+                    )
                     if isinstance(exc, errors.RateLimited):
                         # Paused before the slot is given back, so nobody slips in between.
                         await self._pool.pause(lease.key.name, self._pause_s(exc, failures + 1))
                 else:
-                    calls.append(self._record(work, lease.key.name, size, started, result=result))
+                    outcome.calls.append(
+                        self._record(work, lease.key.name, size, started, result=result)
+                    )
+                    if keys is not None:
+                        share = result.total_tokens / size
+                        outcome.new_scores.extend(
+                            (keys[positions[e["index"]]], e["relevance_score"], share)
+                            for e in checked
+                        )
                     return checked
             failures = await self._after_failure(work, error, failures)
 

@@ -14,11 +14,12 @@ import kombu.exceptions
 import redis
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker import catalog, constants, errors, ingest
+from worker import cache, catalog, constants, errors, ingest
 from worker.db import repository
 from worker.db.base import utcnow
 from worker.db.models import Job, JobStatus, RequestStatus
 from worker.db.session import get_sessionmaker, in_transaction
+from worker.domain import RequestWork
 from worker.pipeline import get_pipeline
 from worker.runtime import redis_url, sync_redis
 from worker.settings import Settings, get_settings
@@ -166,6 +167,7 @@ def submit_job(
     top_n: int | None = None,
     priority: str = constants.QUEUE_BULK,
     idempotency_key: str | None = None,
+    use_cache: bool = True,
     settings: Settings | None = None,
 ) -> SubmitResult:
     """Validate the whole input and store it in one transaction; then enqueue it.
@@ -194,6 +196,7 @@ def submit_job(
                     priority=priority,
                     source=source[:500],
                     idempotency_key=idempotency_key,
+                    use_cache=use_cache,
                 )
             )
             session.flush()
@@ -263,12 +266,25 @@ def run_requests(request_ids: list[int]) -> int:
             max_deliveries=constants.MAX_DELIVERIES,
         )
     )
+    work = _with_cache_hits(work, settings)
     if poison:
         log.error("action=poison_request ids=%s", poison)
         _in_transaction(lambda s: repository.complete_jobs_of_requests(s, poison))
     if work:
         get_pipeline(settings).run(work)
     return len(work)
+
+
+def _with_cache_hits(work: list[RequestWork], settings: Settings) -> list[RequestWork]:
+    """Look up the cacheable requests' pairs, all in one query."""
+    keys = {w.request_id: cache.keys_of(w) for w in work if cache.applies(w)}
+    if not keys:
+        return work
+    every_key = [key for request_keys in keys.values() for key in request_keys]
+    found = _in_transaction(lambda s: repository.cached_scores(s, every_key), settings)
+    return [
+        cache.with_hits(w, keys[w.request_id], found) if w.request_id in keys else w for w in work
+    ]
 
 
 # ---------------------------------------------------------------- read
@@ -281,6 +297,7 @@ def job_status(job_id: str, settings: Settings | None = None) -> dict[str, Any]:
             raise errors.JobNotFound(f"no job with id '{job_id}'")
         counts = repository.job_counts(session, job_id)
         rows = repository.usage(session, job_id)
+        savings = repository.cache_savings(session, job_id)
     return {
         **job_summary(job),
         "total": counts.total,
@@ -290,6 +307,7 @@ def job_status(job_id: str, settings: Settings | None = None) -> dict[str, Any]:
         "pending": counts.pending,
         "warnings": repository.job_warnings(job),
         "usage": usage_totals(rows),
+        "cache": cache_totals(savings),
     }
 
 
@@ -326,14 +344,41 @@ def usage_totals(rows: list[repository.UsageRow]) -> dict[str, Any]:
     }
 
 
+def cache_totals(rows: list[repository.CacheSavings]) -> dict[str, Any]:
+    documents = sum(r.documents for r in rows)
+    hits = sum(r.hits for r in rows)
+    costs = [r.cost_saved for r in rows if r.cost_saved is not None]
+    return {
+        "hits": hits,
+        "hit_rate": round(hits / documents, 4) if documents else 0.0,
+        "tokens_saved": sum(r.tokens_saved for r in rows),
+        "cost_saved": round(sum(costs), 9) if costs else 0.0,
+    }
+
+
 def usage_report(job_id: str | None, settings: Settings | None = None) -> dict[str, Any]:
     with sessions(settings)() as session:
         if job_id and repository.get_job(session, job_id) is None:
             raise errors.JobNotFound(f"no job with id '{job_id}'")
         rows = repository.usage(session, job_id)
+        savings = repository.cache_savings(session, job_id)
     return {
         **usage_totals(rows),
         "job": job_id,
+        "cache": {
+            **cache_totals(savings),
+            "by_model": [
+                {
+                    "model": r.model,
+                    "documents": r.documents,
+                    "hits": r.hits,
+                    "tokens_saved": r.tokens_saved,
+                    "cost_saved": r.cost_saved,
+                    "currency": r.currency,
+                }
+                for r in savings
+            ],
+        },
         "by_key_and_model": [
             {
                 "key": r.key_name,

@@ -10,7 +10,8 @@ import pytest
 from pydantic import SecretStr
 
 from worker import errors
-from worker.engine import merge, split
+from worker.domain import CachedScore
+from worker.engine import cached_ranking, merge, split
 from worker.settings import ApiKey, Settings, parse_api_keys
 
 
@@ -50,22 +51,27 @@ def test_split_covers_every_document_in_calls_of_at_most_per_call(
 # --- merge ----------------------------------------------------------------------------------
 
 
+def at(offset: int) -> range:
+    """The positions of a part that starts at `offset` (a call's index i is offset + i)."""
+    return range(offset, offset + 1000)
+
+
 def test_one_part_keeps_the_upstream_order_exactly_even_if_not_sorted() -> None:
     upstream = [r(2, 0.1), r(0, 0.9), r(1, 0.5)]
-    ranked = merge([(0, copy.deepcopy(upstream))], top_n=None, doc_ids=None)
+    ranked = merge([(at(0), copy.deepcopy(upstream))], top_n=None, doc_ids=None)
     assert ranked == upstream
 
 
 def test_one_part_keeps_extra_fields_such_as_documents() -> None:
     upstream = [{"index": 1, "relevance_score": 0.7, "document": {"text": "b"}}, r(0, 0.2)]
-    assert merge([(0, upstream)], top_n=None, doc_ids=None) == upstream
+    assert merge([(at(0), upstream)], top_n=None, doc_ids=None) == upstream
 
 
 def test_several_parts_are_shifted_by_their_offsets_and_merged_by_score() -> None:
     parts = [
-        (0, [r(1, 0.9), r(0, 0.4), r(2, 0.05)]),
-        (3, [r(0, 0.8), r(1, 0.3)]),
-        (5, [r(0, 0.95)]),
+        (at(0), [r(1, 0.9), r(0, 0.4), r(2, 0.05)]),
+        (at(3), [r(0, 0.8), r(1, 0.3)]),
+        (at(5), [r(0, 0.95)]),
     ]
     ranked = merge(parts, top_n=None, doc_ids=None)
     assert pairs(ranked) == [(5, 0.95), (1, 0.9), (3, 0.8), (0, 0.4), (4, 0.3), (2, 0.05)]
@@ -73,8 +79,8 @@ def test_several_parts_are_shifted_by_their_offsets_and_merged_by_score() -> Non
 
 def test_merging_keeps_each_parts_own_order_for_equal_scores() -> None:
     parts = [
-        (0, [r(1, 0.5), r(0, 0.5)]),
-        (2, [r(1, 0.5), r(0, 0.2)]),
+        (at(0), [r(1, 0.5), r(0, 0.5)]),
+        (at(2), [r(1, 0.5), r(0, 0.2)]),
     ]
     ranked = merge(parts, top_n=None, doc_ids=None)
     # ties: the earlier part first, and within a part its own order
@@ -82,7 +88,7 @@ def test_merging_keeps_each_parts_own_order_for_equal_scores() -> None:
 
 
 def test_merge_does_not_change_the_parts_it_is_given() -> None:
-    parts = [(0, [r(0, 0.9)]), (1, [r(0, 0.8)])]
+    parts = [(at(0), [r(0, 0.9)]), (at(1), [r(0, 0.8)])]
     before = copy.deepcopy(parts)
     merge(parts, top_n=1, doc_ids=["a", "b"])
     assert parts == before
@@ -90,23 +96,23 @@ def test_merge_does_not_change_the_parts_it_is_given() -> None:
 
 @pytest.mark.parametrize("top_n", [1, 2, 3])
 def test_top_n_keeps_the_best_after_merging(top_n: int) -> None:
-    parts = [(0, [r(0, 0.6), r(1, 0.1)]), (2, [r(1, 0.7), r(0, 0.2)])]
+    parts = [(at(0), [r(0, 0.6), r(1, 0.1)]), (at(2), [r(1, 0.7), r(0, 0.2)])]
     ranked = merge(parts, top_n=top_n, doc_ids=None)
     assert pairs(ranked) == [(3, 0.7), (0, 0.6), (2, 0.2)][:top_n]
 
 
 def test_top_n_larger_than_the_results_keeps_them_all() -> None:
-    ranked = merge([(0, [r(0, 0.6), r(1, 0.1)])], top_n=50, doc_ids=None)
+    ranked = merge([(at(0), [r(0, 0.6), r(1, 0.1)])], top_n=50, doc_ids=None)
     assert len(ranked) == 2
 
 
 def test_top_n_truncates_a_single_part_too() -> None:
-    ranked = merge([(0, [r(2, 0.3), r(0, 0.9), r(1, 0.5)])], top_n=2, doc_ids=None)
+    ranked = merge([(at(0), [r(2, 0.3), r(0, 0.9), r(1, 0.5)])], top_n=2, doc_ids=None)
     assert pairs(ranked) == [(2, 0.3), (0, 0.9)]
 
 
 def test_doc_ids_are_attached_by_the_submitted_index() -> None:
-    parts = [(0, [r(1, 0.9), r(0, 0.1)]), (2, [r(0, 0.5), r(1, 0.4)])]
+    parts = [(at(0), [r(1, 0.9), r(0, 0.1)]), (at(2), [r(0, 0.5), r(1, 0.4)])]
     ranked = merge(parts, top_n=None, doc_ids=["d0", "d1", None, "d3"])
     assert [(e["index"], e.get("id")) for e in ranked] == [
         (1, "d1"),
@@ -118,8 +124,15 @@ def test_doc_ids_are_attached_by_the_submitted_index() -> None:
 
 
 def test_no_ids_are_attached_without_doc_ids() -> None:
-    ranked = merge([(0, [r(0, 0.5)]), (1, [r(0, 0.4)])], top_n=None, doc_ids=None)
+    ranked = merge([(at(0), [r(0, 0.5)]), (at(1), [r(0, 0.4)])], top_n=None, doc_ids=None)
     assert all("id" not in e for e in ranked)
+
+
+def test_cache_hits_merge_with_fresh_scores_by_position() -> None:
+    cached = cached_ranking({1: CachedScore(0.8, 2.0), 3: CachedScore(0.1, 2.0)})
+    fresh = [r(1, 0.9), r(0, 0.3)]  # the call was sent documents 2 and 0, in that order
+    ranked = merge([([2, 0], fresh), (at(0), cached)], top_n=3, doc_ids=None)
+    assert pairs(ranked) == [(0, 0.9), (1, 0.8), (2, 0.3)]
 
 
 # --- parse_api_keys -------------------------------------------------------------------------

@@ -11,10 +11,12 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     Numeric,
     String,
     Text,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -50,6 +52,8 @@ class Job(Base):
     source: Mapped[str | None] = mapped_column(String(500))
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
     total_requests: Mapped[int] = mapped_column(Integer, default=0)
+    # Pointwise scores may come from (and go to) the score cache; off per job on request.
+    use_cache: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     warnings: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
@@ -84,6 +88,9 @@ class Request(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     results_json: Mapped[str | None] = mapped_column(Text)
     total_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    # Documents whose score came from the cache, and the tokens their calls had cost.
+    cache_hits: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    tokens_saved: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     error_type: Mapped[str | None] = mapped_column(String(50))
     error_message: Mapped[str | None] = mapped_column(Text)
 
@@ -118,6 +125,17 @@ class UpstreamCall(Base):
     total_tokens: Mapped[int] = mapped_column(Integer, default=0)
     latency_ms: Mapped[float] = mapped_column(Float)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ScoreCache(Base):
+    """Pointwise scores already paid for. `key` hashes (model, query, document content);
+    `tokens` is the pair's share of its call's tokens, what a cache hit saves."""
+
+    __tablename__ = "score_cache"
+
+    key: Mapped[bytes] = mapped_column(LargeBinary(16), primary_key=True)
+    score: Mapped[float] = mapped_column(Float)
+    tokens: Mapped[float] = mapped_column(Float)
 
 
 class ModelPrice(Base):

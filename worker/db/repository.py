@@ -21,6 +21,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from worker.db.base import utcnow
@@ -33,14 +34,18 @@ from worker.db.models import (
     ModelPrice,
     Request,
     RequestStatus,
+    ScoreCache,
     UpstreamCall,
 )
-from worker.domain import RequestOutcome, RequestWork
+from worker.domain import CachedScore, RequestOutcome, RequestWork
 
 # Core tables, for bulk statements that skip the ORM's per-row work.
 REQUEST_TABLE = cast(Table, Request.__table__)
 DOCUMENT_TABLE = cast(Table, Document.__table__)
 UPSTREAM_CALL_TABLE = cast(Table, UpstreamCall.__table__)
+SCORE_CACHE_TABLE = cast(Table, ScoreCache.__table__)
+# Keys per lookup statement (bound parameters stay well under every backend's limit).
+CACHE_LOOKUP_BATCH = 1000
 
 
 def _rowcount(result: Result[Any]) -> int:
@@ -196,7 +201,10 @@ def claim_requests(
             Request.model,
             Request.top_n,
             Request.return_documents,
+            Job.priority,
+            Job.use_cache,
         )
+        .join(Job, Job.id == Request.job_id)
         .where(Request.id.in_(runnable))
         .order_by(Request.id)
     ).all()
@@ -226,6 +234,8 @@ def claim_requests(
                 return_documents=r.return_documents,
                 documents_json=[content for content, _ in docs],
                 doc_ids=[doc_id for _, doc_id in docs] if ids_given else None,
+                priority=r.priority,
+                use_cache=r.use_cache,
             )
         )
     return work, poison
@@ -264,6 +274,7 @@ def record_outcomes(session: Session, outcomes: Sequence[RequestOutcome]) -> Non
     ]
     if calls:
         session.execute(insert(UPSTREAM_CALL_TABLE), calls)
+    store_scores(session, [entry for o in outcomes for entry in o.new_scores])
     table = REQUEST_TABLE
     billed = [
         {"b_id": o.request_id, "b_tokens": o.total_tokens} for o in outcomes if o.total_tokens
@@ -283,6 +294,8 @@ def record_outcomes(session: Session, outcomes: Sequence[RequestOutcome]) -> Non
             results_json=bindparam("b_results"),
             error_type=bindparam("b_error_type"),
             error_message=bindparam("b_error_message"),
+            cache_hits=bindparam("b_cache_hits"),
+            tokens_saved=bindparam("b_tokens_saved"),
             finished_at=utcnow(),
             lease_expires_at=None,
         ),
@@ -293,9 +306,37 @@ def record_outcomes(session: Session, outcomes: Sequence[RequestOutcome]) -> Non
                 "b_results": o.results_json,
                 "b_error_type": o.error_type,
                 "b_error_message": o.error_message,
+                "b_cache_hits": o.cache_hits,
+                "b_tokens_saved": o.tokens_saved,
             }
             for o in outcomes
         ],
+    )
+
+
+def cached_scores(session: Session, keys: Sequence[bytes]) -> dict[bytes, CachedScore]:
+    """The cached pairs among `keys`."""
+    table = SCORE_CACHE_TABLE
+    found: dict[bytes, CachedScore] = {}
+    unique = list(set(keys))
+    for start in range(0, len(unique), CACHE_LOOKUP_BATCH):
+        chunk = unique[start : start + CACHE_LOOKUP_BATCH]
+        query = select(table.c.key, table.c.score, table.c.tokens).where(table.c.key.in_(chunk))
+        found.update(
+            (key, CachedScore(score, tokens)) for key, score, tokens in session.execute(query)
+        )
+    return found
+
+
+def store_scores(session: Session, entries: Sequence[tuple[bytes, float, float]]) -> None:
+    """Add scored pairs to the cache; a pair already there (another run's) is kept."""
+    if not entries:
+        return
+    dialect = session.get_bind().dialect.name
+    insert_into = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    session.execute(
+        insert_into(SCORE_CACHE_TABLE).on_conflict_do_nothing(),
+        [{"key": key, "score": score, "tokens": tokens} for key, score, tokens in entries],
     )
 
 
@@ -411,6 +452,47 @@ def usage(session: Session, job_id: str | None) -> list[UsageRow]:
             currency=currency,
         )
         for key, model, calls, billed_calls, tokens, price, currency in session.execute(query)
+    ]
+
+
+@dataclass(frozen=True)
+class CacheSavings:
+    model: str
+    documents: int
+    hits: int
+    tokens_saved: int
+    cost_saved: float | None
+    currency: str | None
+
+
+def cache_savings(session: Session, job_id: str | None) -> list[CacheSavings]:
+    """Score-cache hits of succeeded requests, per model, and the tokens and cost saved."""
+    query = (
+        select(
+            Request.model,
+            func.sum(Request.document_count),
+            func.sum(Request.cache_hits),
+            func.sum(Request.tokens_saved),
+            ModelPrice.price_per_million_tokens,
+            ModelPrice.currency,
+        )
+        .outerjoin(ModelPrice, ModelPrice.model == Request.model)
+        .where(Request.status == RequestStatus.SUCCEEDED)
+        .group_by(Request.model, ModelPrice.price_per_million_tokens, ModelPrice.currency)
+        .order_by(Request.model)
+    )
+    if job_id:
+        query = query.where(Request.job_id == job_id)
+    return [
+        CacheSavings(
+            model=model,
+            documents=int(documents),
+            hits=int(hits),
+            tokens_saved=int(saved),
+            cost_saved=None if price is None else float(saved) * float(price) / 1_000_000,
+            currency=currency,
+        )
+        for model, documents, hits, saved, price, currency in session.execute(query)
     ]
 
 

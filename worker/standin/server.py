@@ -232,6 +232,8 @@ class _Counters:
     slow: int = 0
     client_closed: int = 0
     tokens_billed: int = 0
+    # Documents in answered (200) calls: what a client's cache did not spare.
+    documents_scored: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
     calls_during_pause: int = 0
@@ -269,9 +271,9 @@ class _Ledger:
                 counters.ok += 1
                 counters.tokens_billed += tokens
 
-    def bump(self, name: str, counter: str) -> None:
+    def bump(self, name: str, counter: str, by: int = 1) -> None:
         for counters in self._both(name):
-            setattr(counters, counter, getattr(counters, counter) + 1)
+            setattr(counters, counter, getattr(counters, counter) + by)
 
     def pause(self, name: str, from_s: float, until_s: float) -> None:
         """Calls arriving in [from_s, until_s) count as made inside the key's pause."""
@@ -528,6 +530,8 @@ class StandinServer:
                 return self._client_left(name)
         response, tokens = self._outcome(name, request, plan.fault, config)
         await self._reply(connection, name, response, tokens)
+        if response.status == 200:
+            self._ledger.bump(name, "documents_scored", len(request.documents))
         return True
 
     def _authenticate(self, headers: Headers) -> str:
