@@ -29,8 +29,6 @@ from worker.upstream.retry import RetryPolicy
 
 T = TypeVar("T")
 REDIS_COMMAND_RETRIES = 3
-# The key slots cap calls in flight; a few spare connections cover ones being replaced.
-HTTP_SPARE_CONNECTIONS = 4
 
 
 def redis_url(settings: Settings) -> str:
@@ -83,11 +81,7 @@ class Engine:
     async def _build(self) -> Reranker:
         settings = self._settings
         self._redis = async_redis(self._url)
-        self._client = RerankClient(
-            settings.api_base,
-            timeout_s=settings.call_timeout_s,
-            max_connections=settings.total_slots + HTTP_SPARE_CONNECTIONS,
-        )
+        self._client = RerankClient(settings.api_base, timeout_s=settings.call_timeout_s)
         self.pool = KeyPool(self._redis, settings.keys, lease_s=lease_s(settings))
         policy = RetryPolicy(
             max_attempts=settings.max_attempts,

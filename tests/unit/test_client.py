@@ -110,6 +110,27 @@ def test_a_success_without_usage_counts_zero_tokens() -> None:
     assert result.total_tokens == 0
 
 
+def test_each_key_calls_with_its_own_bearer_on_one_client() -> None:
+    """Keys have pools of their own; a call never goes out with another key's secret."""
+    other = ApiKey(name="beta", secret=SecretStr("sk-other-secret-42"), max_concurrency=1)
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["authorization"])
+        return httpx.Response(200, json=SUCCESS)
+
+    async def main() -> None:
+        client = RerankClient(BASE_URL, timeout_s=5, transport=httpx.MockTransport(handler))
+        try:
+            for key in (KEY, other, KEY, other):
+                await client.rerank(key, PATH, body())
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+    assert seen == [f"Bearer {SECRET}", "Bearer sk-other-secret-42"] * 2
+
+
 def test_the_request_carries_the_body_and_the_bearer_key() -> None:
     seen: list[httpx.Request] = []
 

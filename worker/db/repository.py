@@ -21,7 +21,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
 from worker.db.base import utcnow
@@ -44,8 +44,15 @@ REQUEST_TABLE = cast(Table, Request.__table__)
 DOCUMENT_TABLE = cast(Table, Document.__table__)
 UPSTREAM_CALL_TABLE = cast(Table, UpstreamCall.__table__)
 SCORE_CACHE_TABLE = cast(Table, ScoreCache.__table__)
-# Keys per lookup statement (bound parameters stay well under every backend's limit).
+# Keys per lookup statement on SQLite (bound parameters stay well under its limit).
 CACHE_LOOKUP_BATCH = 1000
+# On PostgreSQL whole batches travel as arrays: one statement, no per-row parameters.
+PG_CACHE_LOOKUP = text("SELECT key, score, tokens FROM score_cache WHERE key = ANY(:keys)")
+PG_CACHE_STORE = text(
+    "INSERT INTO score_cache (key, score, tokens) "
+    "SELECT * FROM unnest(CAST(:keys AS bytea[]), CAST(:scores AS float8[]), "
+    "CAST(:tokens AS float8[])) ON CONFLICT DO NOTHING"
+)
 
 
 def _rowcount(result: Result[Any]) -> int:
@@ -315,10 +322,13 @@ def record_outcomes(session: Session, outcomes: Sequence[RequestOutcome]) -> Non
 
 
 def cached_scores(session: Session, keys: Sequence[bytes]) -> dict[bytes, CachedScore]:
-    """The cached pairs among `keys`."""
+    """The cached pairs among `keys` (on PostgreSQL in one statement, keys as one array)."""
+    unique = list(set(keys))
+    if session.get_bind().dialect.name == "postgresql":
+        rows = session.execute(PG_CACHE_LOOKUP, {"keys": unique})
+        return {key: CachedScore(score, tokens) for key, score, tokens in rows}
     table = SCORE_CACHE_TABLE
     found: dict[bytes, CachedScore] = {}
-    unique = list(set(keys))
     for start in range(0, len(unique), CACHE_LOOKUP_BATCH):
         chunk = unique[start : start + CACHE_LOOKUP_BATCH]
         query = select(table.c.key, table.c.score, table.c.tokens).where(table.c.key.in_(chunk))
@@ -332,10 +342,12 @@ def store_scores(session: Session, entries: Sequence[tuple[bytes, float, float]]
     """Add scored pairs to the cache; a pair already there (another run's) is kept."""
     if not entries:
         return
-    dialect = session.get_bind().dialect.name
-    insert_into = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    if session.get_bind().dialect.name == "postgresql":
+        keys, scores, tokens = (list(column) for column in zip(*entries, strict=True))
+        session.execute(PG_CACHE_STORE, {"keys": keys, "scores": scores, "tokens": tokens})
+        return
     session.execute(
-        insert_into(SCORE_CACHE_TABLE).on_conflict_do_nothing(),
+        sqlite.insert(SCORE_CACHE_TABLE).on_conflict_do_nothing(),
         [{"key": key, "score": score, "tokens": tokens} for key, score, tokens in entries],
     )
 
