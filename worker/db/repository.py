@@ -40,6 +40,7 @@ from worker.db.models import (
 from worker.domain import CachedScore, RequestOutcome, RequestWork
 
 # Core tables, for bulk statements that skip the ORM's per-row work.
+JOB_TABLE = cast(Table, Job.__table__)
 REQUEST_TABLE = cast(Table, Request.__table__)
 DOCUMENT_TABLE = cast(Table, Document.__table__)
 UPSTREAM_CALL_TABLE = cast(Table, UpstreamCall.__table__)
@@ -167,29 +168,41 @@ def claim_requests(
 ) -> tuple[list[RequestWork], list[int]]:
     """Take the requests that nobody holds (queued, or running with an expired lease).
 
-    Returns the work to run and the ids failed as poison (delivered too often).
+    Returns the work to run and the ids failed as poison (delivered too often). Core
+    statements on the session's connection: this runs for every task, and the ORM's
+    bulk-update bookkeeping has nothing to do here.
     """
+    conn = session.connection()
+    request, job = REQUEST_TABLE.c, JOB_TABLE.c
     now = utcnow()
     claimable = or_(
-        Request.status == RequestStatus.QUEUED,
-        (Request.status == RequestStatus.RUNNING) & (Request.lease_expires_at < now),
+        request.status == RequestStatus.QUEUED,
+        (request.status == RequestStatus.RUNNING) & (request.lease_expires_at < now),
     )
-    claimed = session.execute(
-        update(Request)
-        .where(Request.id.in_(ids), claimable)
+    claimed = conn.execute(
+        update(REQUEST_TABLE)
+        .where(request.id.in_(ids), claimable)
         .values(
             status=RequestStatus.RUNNING,
-            deliveries=Request.deliveries + 1,
+            deliveries=request.deliveries + 1,
             lease_expires_at=now + dt.timedelta(seconds=lease_s),
         )
-        .returning(Request.id, Request.deliveries)
+        .returning(
+            request.id,
+            request.deliveries,
+            request.job_id,
+            request.query,
+            request.model,
+            request.top_n,
+            request.return_documents,
+        )
     ).all()
-    poison = [rid for rid, deliveries in claimed if deliveries > max_deliveries]
-    runnable = [rid for rid, deliveries in claimed if deliveries <= max_deliveries]
+    poison = [r.id for r in claimed if r.deliveries > max_deliveries]
+    runnable = sorted((r for r in claimed if r.deliveries <= max_deliveries), key=lambda r: r.id)
     if poison:
-        session.execute(
-            update(Request)
-            .where(Request.id.in_(poison))
+        conn.execute(
+            update(REQUEST_TABLE)
+            .where(request.id.in_(poison))
             .values(
                 status=RequestStatus.FAILED,
                 finished_at=now,
@@ -200,35 +213,31 @@ def claim_requests(
         )
     if not runnable:
         return [], poison
-    requests = session.execute(
-        select(
-            Request.id,
-            Request.job_id,
-            Request.query,
-            Request.model,
-            Request.top_n,
-            Request.return_documents,
-            Job.priority,
-            Job.use_cache,
+    jobs = {
+        row.id: row
+        for row in conn.execute(
+            select(job.id, job.status, job.priority, job.use_cache).where(
+                job.id.in_({r.job_id for r in runnable})
+            )
         )
-        .join(Job, Job.id == Request.job_id)
-        .where(Request.id.in_(runnable))
-        .order_by(Request.id)
-    ).all()
-    session.execute(
-        update(Job)
-        .where(Job.id.in_({r.job_id for r in requests}), Job.status == JobStatus.QUEUED)
-        .values(status=JobStatus.RUNNING, started_at=now)
-    )
-    documents: dict[int, list[tuple[str, str | None]]] = {r.id: [] for r in requests}
-    for request_id, content, doc_id in session.execute(
-        select(Document.request_id, Document.content, Document.doc_id)
-        .where(Document.request_id.in_(runnable))
-        .order_by(Document.request_id, Document.position)
+    }
+    starting = [job_id for job_id, row in jobs.items() if row.status == JobStatus.QUEUED]
+    if starting:
+        conn.execute(
+            update(JOB_TABLE)
+            .where(job.id.in_(starting), job.status == JobStatus.QUEUED)
+            .values(status=JobStatus.RUNNING, started_at=now)
+        )
+    documents: dict[int, list[tuple[str, str | None]]] = {r.id: [] for r in runnable}
+    document = DOCUMENT_TABLE.c
+    for request_id, content, doc_id in conn.execute(
+        select(document.request_id, document.content, document.doc_id)
+        .where(document.request_id.in_(documents))
+        .order_by(document.request_id, document.position)
     ):
         documents[request_id].append((content, doc_id))
     work = []
-    for r in requests:
+    for r in runnable:
         docs = documents[r.id]
         ids_given = any(doc_id is not None for _, doc_id in docs)
         work.append(
@@ -241,8 +250,8 @@ def claim_requests(
                 return_documents=r.return_documents,
                 documents_json=[content for content, _ in docs],
                 doc_ids=[doc_id for _, doc_id in docs] if ids_given else None,
-                priority=r.priority,
-                use_cache=r.use_cache,
+                priority=jobs[r.job_id].priority,
+                use_cache=jobs[r.job_id].use_cache,
             )
         )
     return work, poison
@@ -263,6 +272,7 @@ def record_outcomes(session: Session, outcomes: Sequence[RequestOutcome]) -> Non
     another worker cannot overwrite or duplicate them; the tokens billed for every run are
     added to the request all the same.
     """
+    conn = session.connection()
     calls = [
         {
             "job_id": o.job_id,
@@ -280,20 +290,20 @@ def record_outcomes(session: Session, outcomes: Sequence[RequestOutcome]) -> Non
         for c in o.calls
     ]
     if calls:
-        session.execute(insert(UPSTREAM_CALL_TABLE), calls)
+        conn.execute(insert(UPSTREAM_CALL_TABLE), calls)
     store_scores(session, [entry for o in outcomes for entry in o.new_scores])
     table = REQUEST_TABLE
     billed = [
         {"b_id": o.request_id, "b_tokens": o.total_tokens} for o in outcomes if o.total_tokens
     ]
     if billed:
-        session.execute(
+        conn.execute(
             update(table)
             .where(table.c.id == bindparam("b_id"))
             .values(total_tokens=table.c.total_tokens + bindparam("b_tokens")),
             billed,
         )
-    session.execute(
+    conn.execute(
         update(table)
         .where(table.c.id == bindparam("b_id"), table.c.status == RequestStatus.RUNNING)
         .values(
