@@ -2,10 +2,14 @@
 
     python scripts/bench.py                 # every target at the issue's sizes (minutes)
     python scripts/bench.py --only throughput --requests 4000
+    python scripts/bench.py --only ingest --only export
 
 Each target owns what it starts: a stand-in API process (4 keys x 8 slots, 100 ms), a
 redis-server on a free port, and a PostgreSQL database created on RERANK_BENCH_PG
 (default postgresql://postgres@127.0.0.1:5432/postgres) and dropped afterwards.
+
+A target is a function that returns table rows (a name and a dict of figures); it is listed
+in TARGETS. A figure's column comes from COLUMNS, or is added at the end when it is new.
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
+from rich.console import Console
+from rich.table import Table
 
 from worker import embedded
 
@@ -46,19 +52,41 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def process_tree(pid: int) -> list[int]:
+    """A process and its live descendants (children of any of its threads), from /proc."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        for children in Path(f"/proc/{current}/task").glob("*/children"):
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                todo += [int(c) for c in children.read_text().split()]
+    return found
+
+
 def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process and its live children, from /proc."""
+    """User + system CPU seconds of a process and its live descendants, from /proc."""
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0.0
-    pids = [pid]
-    with contextlib.suppress(FileNotFoundError):
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        pids += [int(c) for c in children]
-    for p in pids:
+    for p in process_tree(pid):
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / ticks
     return total
+
+
+def status_kb(pid: int, field: str) -> int:
+    """A memory figure of /proc/PID/status (VmRSS, VmHWM, ...); 0 once the process is gone."""
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    return 0
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory (VmRSS) of a process and its live descendants, in MB."""
+    return round(sum(status_kb(p, "VmRSS") for p in process_tree(pid)) / 1024, 1)
 
 
 @dataclass
@@ -135,20 +163,21 @@ def services(latency_ms: float = LATENCY_MS) -> Iterator[Services]:
             admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
 
 
-class InFlightSampler:
-    """Samples the stand-in's calls in flight (a diagnostic: how full the slots are)."""
+class Sampler:
+    """Calls `probe` every `every_s` in a thread while the `with` block runs."""
 
-    def __init__(self, svc: Services) -> None:
-        self._svc = svc
-        self._samples: list[int] = []
+    def __init__(self, probe: Callable[[], float], every_s: float = 0.1) -> None:
+        self._probe = probe
+        self._every_s = every_s
+        self.samples: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.wait(0.1):
-            self._samples.append(self._svc.stats()["total"]["in_flight"])
+        while not self._stop.wait(self._every_s):
+            self.samples.append(self._probe())
 
-    def __enter__(self) -> InFlightSampler:
+    def __enter__(self) -> Sampler:
         self._thread.start()
         return self
 
@@ -157,8 +186,7 @@ class InFlightSampler:
         self._thread.join()
 
     def mean(self) -> float:
-        busy = [s for s in self._samples]
-        return round(sum(busy) / len(busy), 1) if busy else 0.0
+        return round(sum(self.samples) / len(self.samples), 1) if self.samples else 0.0
 
 
 def write_requests(path: Path, count: int, docs: int, seed: int = 1) -> None:
@@ -210,8 +238,20 @@ def wait_job(env: dict[str, str], job_id: str, timeout_s: float = 900) -> dict[s
         time.sleep(0.1)
 
 
-def bench_throughput(requests: int, docs: int, worker_args: list[str]) -> dict[str, Any]:
-    """One `rerank-worker worker` at default settings; submit start to completed."""
+@dataclass
+class Row:
+    """One line of the table: a target's name and its figures (column key -> value)."""
+
+    name: str
+    figures: dict[str, Any]
+
+
+def bench_throughput(requests: int, docs: int, worker_args: list[str]) -> list[Row]:
+    """One `rerank-worker worker` at default settings; submit start to completed.
+
+    The worker's resident memory (with any children) is read at the start and the end of
+    the run and sampled in between: after warming up (mid-run) it should stay flat.
+    """
     with services() as svc:
         env = svc.env()
         path = svc.workdir / "requests.jsonl"
@@ -219,23 +259,200 @@ def bench_throughput(requests: int, docs: int, worker_args: list[str]) -> dict[s
         with worker(env, *worker_args) as process:
             time.sleep(3)  # let the worker connect before the clock starts
             cpu_before = cpu_s(process.pid)
+            rss_start = rss_mb(process.pid)
             started = time.monotonic()
             job_id = cli(env, "submit", str(path)).stdout.strip().splitlines()[-1]
-            with InFlightSampler(svc) as sampler:
+            with (
+                Sampler(lambda: svc.stats()["total"]["in_flight"]) as in_flight,
+                Sampler(lambda: rss_mb(process.pid), every_s=0.5) as rss,
+            ):
                 status = wait_job(env, job_id)
             elapsed_s = time.monotonic() - started
             cpu = cpu_s(process.pid) - cpu_before
+            rss_end = rss_mb(process.pid)
         calls = svc.stats()["total"]["ok"]
     limit = len(KEYS) * SLOTS_PER_KEY / (LATENCY_MS / 1000)
-    return {
-        "requests": requests,
+    rss_mid = rss.samples[len(rss.samples) // 2] if rss.samples else rss_start
+    rss_max = max([rss_start, rss_end, *rss.samples])
+    figures = {
+        "items": f"{requests} requests",
         "succeeded": status["succeeded"],
         "elapsed_s": round(elapsed_s, 1),
         "calls_per_s": round(calls / elapsed_s, 1),
         "percent_of_limit": round(100 * calls / elapsed_s / limit, 1),
-        "worker_cpu_ms_per_call": round(1000 * cpu / calls, 3),
-        "mean_calls_in_flight": sampler.mean(),
+        "cpu_ms_per_call": round(1000 * cpu / calls, 3),
+        "mean_calls_in_flight": in_flight.mean(),
+        "worker_rss_mb": f"{rss_start:.0f} / {rss_mid:.0f} / {rss_end:.0f} / {rss_max:.0f}",
     }
+    return [Row("rerank-worker, 1 worker", figures)]
+
+
+@dataclass
+class Measured:
+    """One child process's wall time, peak resident memory and output."""
+
+    elapsed_s: float
+    peak_rss_mb: float
+    stdout: str
+    stderr: str
+
+
+def run_measured(env: dict[str, str], workdir: Path, *args: str) -> Measured:
+    """Run one CLI command in a fresh child and poll its peak RSS (VmHWM) until it exits.
+
+    Not ru_maxrss: Linux carries the RSS of the process that forked into the child's
+    ru_maxrss, so every child of a grown bench would report the bench's size.
+    """
+    out_path, err_path = workdir / "measured.out", workdir / "measured.err"
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        started = time.monotonic()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "worker", *args], env=env, stdout=out, stderr=err
+        )
+        peak_kb = 0
+        while process.poll() is None:
+            peak_kb = max(peak_kb, status_kb(process.pid, "VmHWM"))
+            time.sleep(0.01)
+        elapsed_s = time.monotonic() - started
+    stdout, stderr = out_path.read_text(), err_path.read_text()
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} exited {process.returncode}: {stderr[-2000:]}")
+    return Measured(elapsed_s, round(peak_kb / 1024, 1), stdout, stderr)
+
+
+def write_corpus(path: Path, count: int, chunk: int = 10_000) -> None:
+    """A corpus file: one document per line, most with an id, some plain strings."""
+    with path.open("w") as out:
+        for start in range(0, count, chunk):
+            out.write(
+                "".join(
+                    f'{{"id":"sku-{i}","text":"item {i}: leather boot, size {i % 47}, '
+                    f'colour {i % 13}, lining {i % 7}"}}\n'
+                    if i % 4
+                    else f'"item {i}: trail runner with a mesh upper, size {i % 47}"\n'
+                    for i in range(start, min(count, start + chunk))
+                )
+            )
+
+
+def document_rows(database_url: str, job_id: str) -> int:
+    with psycopg.connect(database_url.replace("+psycopg", "")) as connection:
+        row = connection.execute(
+            "SELECT count(*) FROM document JOIN request ON request.id = document.request_id "
+            "WHERE request.job_id = %s",
+            (job_id,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _ingest_row(svc: Services, name: str, documents: int, *submit_args: str) -> Row:
+    run = run_measured(svc.env(), svc.workdir, "submit", *submit_args)
+    job_id = run.stdout.strip().splitlines()[-1]
+    stored = document_rows(svc.database_url, job_id)
+    if stored != documents:
+        raise RuntimeError(f"{name}: {stored} documents stored, not {documents}")
+    figures = {
+        "items": f"{documents} documents",
+        "elapsed_s": round(run.elapsed_s, 1),
+        "docs_per_s": round(documents / run.elapsed_s),
+        "peak_rss_mb": run.peak_rss_mb,
+    }
+    return Row(name, figures)
+
+
+def bench_ingest(corpus_docs: int, requests: int, docs: int) -> list[Row]:
+    """`rerank-worker submit` of a corpus file (`--query`) and of a requests file into
+    PostgreSQL, each in a fresh process: wall time from start to exit, and its peak RSS.
+    No worker runs; the job's messages wait in the bench's Redis."""
+    with services() as svc:
+        corpus = svc.workdir / "corpus.jsonl"
+        write_corpus(corpus, corpus_docs)
+        path = svc.workdir / "requests.jsonl"
+        write_requests(path, requests, docs)
+        return [
+            _ingest_row(
+                svc, "ingest corpus (--query)", corpus_docs, str(corpus),
+                "--query", "waterproof hiking boots", "--top-n", "100",
+            ),
+            _ingest_row(svc, f"ingest requests ({requests} x {docs})", requests * docs, str(path)),
+        ]  # fmt: skip
+
+
+# Ten results per request, indexes spread over 100 documents, scores descending; it refers
+# to the row's position so that PostgreSQL computes it for each row.
+FAKE_RESULTS_SQL = """
+    SELECT '[' || string_agg(
+        '{"index":' || mod(i * 7 + k * 13, 100) || ',"relevance_score":'
+            || round((0.99 - k * 0.05 - random() * 0.04)::numeric, 6) || '}',
+        ',' ORDER BY k) || ']'
+    FROM generate_series(0, 9) AS k
+"""
+
+
+def make_finished_job(database_url: str, size: int) -> str:
+    """A completed job of `size` succeeded requests, written straight into SQL as a worker
+    would have left it (ten results each), without submitting or calling the API."""
+    job_id = uuid.uuid4().hex
+    with psycopg.connect(database_url.replace("+psycopg", "")) as connection:
+        connection.execute(
+            "INSERT INTO job (id, status, priority, source, total_requests, created_at, "
+            "finished_at) VALUES (%s, 'completed', 'bulk', 'bench', %s, now(), now())",
+            (job_id, size),
+        )
+        connection.execute(
+            "INSERT INTO request (job_id, position, custom_id, query, model, return_documents, "
+            "document_count, status, deliveries, finished_at, total_tokens, results_json) "
+            "SELECT %s, i, 'r-' || i, 'query ' || i, 'jina-reranker-m0', false, 100, "
+            f"'succeeded', 1, now(), 1000 + mod(i, 500), ({FAKE_RESULTS_SQL}) "
+            "FROM generate_series(0, %s - 1) AS i",
+            (job_id, size),
+        )
+    return job_id
+
+
+def _export(svc: Services, size: int) -> Measured:
+    job_id = make_finished_job(svc.database_url, size)
+    output = svc.workdir / f"results-{size}.jsonl"
+    run = run_measured(svc.env(), svc.workdir, "results", job_id, "-o", str(output))
+    with output.open("rb") as lines:
+        written = sum(1 for _ in lines)
+    if written != size:
+        raise RuntimeError(f"export: {written} lines written, not {size}")
+    return run
+
+
+def bench_export(sizes: list[int]) -> list[Row]:
+    """`rerank-worker results JOB -o FILE` over a job of each size, in a fresh process.
+
+    The jobs' finished requests are written directly in SQL (see make_finished_job):
+    running them through the stand-in would take many minutes and is not what this
+    measures. An empty job first gives the command's fixed cost (start-up, imports,
+    schema check; the fastest of three runs, as it is short and the machine may be busy),
+    so the streaming rate can be shown without it too. Peak RSS should not grow with the
+    size: results stream.
+    """
+    with services() as svc:
+        empty = min((_export(svc, 0) for _ in range(3)), key=lambda run: run.elapsed_s)
+        rows = [Row("export results -o FILE", _export_figures(0, empty, empty))]
+        for size in sizes:
+            rows.append(
+                Row("export results -o FILE", _export_figures(size, _export(svc, size), empty))
+            )
+    return rows
+
+
+def _export_figures(size: int, run: Measured, empty: Measured) -> dict[str, Any]:
+    figures: dict[str, Any] = {
+        "items": f"{size} lines",
+        "elapsed_s": round(run.elapsed_s, 1),
+        "peak_rss_mb": run.peak_rss_mb,
+    }
+    if size:
+        figures["lines_per_s"] = round(size / run.elapsed_s)
+        streaming_s = max(run.elapsed_s - empty.elapsed_s, 0.001)  # noise on tiny sizes
+        figures["stream_lines_per_s"] = round(size / streaming_s)
+    return figures
 
 
 async def _bare(base_url: str, calls: int, docs: int) -> None:
@@ -262,7 +479,7 @@ async def _bare(base_url: str, calls: int, docs: int) -> None:
         await asyncio.gather(*(one(i) for i in range(calls)))
 
 
-def bench_bare(calls: int, docs: int) -> dict[str, Any]:
+def bench_bare(calls: int, docs: int) -> list[Row]:
     """The floor: asyncio + httpx with one semaphore per key, no queue, no database."""
     with services() as svc:
         usage_before = resource.getrusage(resource.RUSAGE_SELF)
@@ -272,37 +489,73 @@ def bench_bare(calls: int, docs: int) -> dict[str, Any]:
         usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu = usage.ru_utime + usage.ru_stime - usage_before.ru_utime - usage_before.ru_stime
     limit = len(KEYS) * SLOTS_PER_KEY / (LATENCY_MS / 1000)
-    return {
-        "calls": calls,
+    figures = {
+        "items": f"{calls} calls",
         "elapsed_s": round(elapsed_s, 1),
         "calls_per_s": round(calls / elapsed_s, 1),
         "percent_of_limit": round(100 * calls / elapsed_s / limit, 1),
         "cpu_ms_per_call": round(1000 * cpu / calls, 3),
     }
+    return [Row("bare asyncio+httpx client", figures)]
+
+
+# Column key -> header, in table order. A figure whose key is not here gets a column of its
+# own at the end, headed by the key.
+COLUMNS = {
+    "items": "size",
+    "elapsed_s": "wall s",
+    "calls_per_s": "calls/s",
+    "percent_of_limit": "% of limit",
+    "cpu_ms_per_call": "CPU ms/call",
+    "docs_per_s": "ingest docs/s",
+    "peak_rss_mb": "peak RSS MB",
+    "lines_per_s": "export lines/s",
+    "stream_lines_per_s": "export lines/s after start-up",
+    "cache_hit_rate": "cache hit rate",
+    "tokens_saved": "saved tokens",
+    "interactive_latency_ms": "interactive ms under bulk load",
+    "worker_rss_mb": "worker RSS MB start/mid/end/max",
+    "mean_calls_in_flight": "calls in flight",
+    "succeeded": "succeeded",
+}
+
+TARGETS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
+    "bare": lambda a: bench_bare(a.requests, a.docs),
+    "throughput": lambda a: bench_throughput(a.requests, a.docs, a.worker_args.split()),
+    "ingest": lambda a: bench_ingest(a.corpus_docs, a.ingest_requests, a.ingest_docs),
+    "export": lambda a: bench_export([int(n) for n in a.export_lines.split(",")]),
+}
+
+
+def render(rows: list[Row]) -> Table:
+    """One table: a row per target, a column per figure; blank where it does not apply."""
+    keys = [k for k in COLUMNS if any(k in row.figures for row in rows)]
+    keys += list(dict.fromkeys(k for row in rows for k in row.figures if k not in COLUMNS))
+    table = Table("target", *(COLUMNS.get(k, k) for k in keys))
+    for row in rows:
+        table.add_row(row.name, *(str(row.figures.get(k, "")) for k in keys))
+    return table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--only", choices=["throughput", "bare"], action="append")
-    parser.add_argument("--requests", type=int, default=16_000)
-    parser.add_argument("--docs", type=int, default=10)
+    parser.add_argument("--only", choices=list(TARGETS), action="append")
+    parser.add_argument("--requests", type=int, default=16_000, help="throughput and bare")
+    parser.add_argument("--docs", type=int, default=10, help="documents per request")
     parser.add_argument("--worker-args", default="", help="extra arguments for the worker")
+    parser.add_argument("--corpus-docs", type=int, default=1_000_000, help="ingest: corpus")
+    parser.add_argument("--ingest-requests", type=int, default=10_000, help="ingest: requests")
+    parser.add_argument("--ingest-docs", type=int, default=100, help="ingest: per request")
+    parser.add_argument("--export-lines", default="100000,1000000", help="export: job sizes")
     args = parser.parse_args()
-    chosen = args.only or ["bare", "throughput"]
-    rows: list[tuple[str, dict[str, Any]]] = []
-    if "bare" in chosen:
-        rows.append(("bare asyncio+httpx client", bench_bare(args.requests, args.docs)))
-    if "throughput" in chosen:
-        rows.append(
-            (
-                "rerank-worker, 1 worker",
-                bench_throughput(args.requests, args.docs, args.worker_args.split()),
-            )
-        )
-    for name, figures in rows:
-        print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
+    rows = [row for name in args.only or list(TARGETS) for row in TARGETS[name](args)]
+    table = render(rows)
+    console = Console()
+    natural = console.measure(table, options=console.options.update_width(1000)).maximum
+    console.width = max(console.width, natural)
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -53,17 +53,20 @@ def _json_line(raw: bytes | str, line_no: int) -> Any:
         ) from exc
 
 
+# One encoder for every document: json.dumps with options builds a new one per call.
+_encode_string = json.JSONEncoder(ensure_ascii=False).encode
+DOCUMENT_KINDS = ("text", "image")
+
+
 def parse_document(
     value: Any, *, line_no: int, where: str, allow_id: bool = False
 ) -> DocumentInput:
-    """A string, {"text": str} or {"image": URL or base64}; content kept exactly as given."""
-    doc_id: str | None = None
+    """A string, {"text": str} or {"image": URL or base64}; content kept exactly as given
+    (compact JSON, non-ASCII unescaped)."""
     if isinstance(value, str):
         if not value.strip():
             raise errors.InputError("document text is empty", line=line_no, field=where or None)
-        return DocumentInput(
-            json.dumps(value, ensure_ascii=False, separators=(",", ":")), is_image=False
-        )
+        return DocumentInput(_encode_string(value), is_image=False)
     if not isinstance(value, dict):
         raise errors.InputError(
             f'a document must be a string, {{"text": ...}} or {{"image": ...}}, '
@@ -71,38 +74,39 @@ def parse_document(
             line=line_no,
             field=where or None,
         )
-    body = dict(value)
-    if allow_id and "id" in body:
-        raw_id = body.pop("id")
-        if not isinstance(raw_id, str | int) or isinstance(raw_id, bool):
-            raise errors.InputError(
-                "must be a string or an integer", line=line_no, field=f"{where}id"
-            )
-        doc_id = str(raw_id)
-    kinds = [k for k in ("text", "image") if k in body]
-    extra = sorted(set(body) - {"text", "image"})
+    doc_id = _document_id(value["id"], line_no, where) if allow_id and "id" in value else None
+    kind = _document_kind(value, line_no, where, allow_id)
+    inner = value[kind]
+    if not isinstance(inner, str) or not inner.strip():
+        sub = f"{where}.{kind}" if where else kind
+        raise errors.InputError("must be a non-empty string", line=line_no, field=sub)
+    return DocumentInput(
+        f'{{"{kind}":{_encode_string(inner)}}}', is_image=kind == "image", doc_id=doc_id
+    )
+
+
+def _document_id(raw_id: Any, line_no: int, where: str) -> str:
+    if not isinstance(raw_id, str | int) or isinstance(raw_id, bool):
+        raise errors.InputError("must be a string or an integer", line=line_no, field=f"{where}id")
+    return str(raw_id)
+
+
+def _document_kind(body: dict[str, Any], line_no: int, where: str, allow_id: bool) -> str:
+    """'text' or 'image', whichever the document object holds; any other field is an error."""
+    extra = [k for k in body if k not in DOCUMENT_KINDS and not (allow_id and k == "id")]
     if extra:
+        name = min(extra)
         raise errors.InputError(
-            f"unknown field '{extra[0]}'",
-            line=line_no,
-            field=f"{where}.{extra[0]}" if where else extra[0],
+            f"unknown field '{name}'", line=line_no, field=f"{where}.{name}" if where else name
         )
+    kinds = [k for k in DOCUMENT_KINDS if k in body]
     if len(kinds) != 1:
         raise errors.InputError(
             "a document object needs exactly one of 'text' or 'image'",
             line=line_no,
             field=where or None,
         )
-    kind = kinds[0]
-    inner = body[kind]
-    sub = f"{where}.{kind}" if where else kind
-    if not isinstance(inner, str) or not inner.strip():
-        raise errors.InputError("must be a non-empty string", line=line_no, field=sub)
-    return DocumentInput(
-        json.dumps({kind: inner}, ensure_ascii=False, separators=(",", ":")),
-        is_image=kind == "image",
-        doc_id=doc_id,
-    )
+    return kinds[0]
 
 
 def _check_model(model: str, documents: list[DocumentInput], line_no: int, where: str) -> None:

@@ -85,12 +85,10 @@ def _request_row(
 
 
 def _document_rows(
-    request_id: int, documents: Iterable[ingest.DocumentInput], start: int = 0
-) -> list[dict[str, Any]]:
-    return [
-        {"request_id": request_id, "position": position, "content": d.content, "doc_id": d.doc_id}
-        for position, d in enumerate(documents, start=start)
-    ]
+    request_id: int, documents: Iterable[ingest.DocumentInput]
+) -> Iterable[repository.DocumentRow]:
+    """Rows made as they are consumed, so a COPY can stream them from the input file."""
+    return ((request_id, position, d.content, d.doc_id) for position, d in enumerate(documents))
 
 
 def _store_requests(
@@ -100,7 +98,7 @@ def _store_requests(
     warnings: list[str],
     per_call_cap: int | None,
 ) -> int:
-    """Insert requests and their documents in batches (multi-row INSERTs)."""
+    """Insert requests and their documents in batches (COPY on PostgreSQL)."""
     now = utcnow()
     count = 0
     batch: list[ingest.RequestInput] = []
@@ -108,12 +106,14 @@ def _store_requests(
 
     def flush() -> None:
         ids = repository.insert_requests(session, [_request_row(job_id, r, now) for r in batch])
-        rows = [
-            row
-            for rid, r in zip(ids, batch, strict=True)
-            for row in _document_rows(rid, r.documents)
-        ]
-        repository.insert_documents(session, rows)
+        repository.insert_documents(
+            session,
+            (
+                row
+                for rid, r in zip(ids, batch, strict=True)
+                for row in _document_rows(rid, r.documents)
+            ),
+        )
         batch.clear()
 
     for request in requests:
@@ -139,18 +139,11 @@ def _store_corpus(
     warnings: list[str],
     per_call_cap: int | None,
 ) -> int:
-    """One request whose documents stream from the file in batches (constant memory)."""
+    """One request whose documents stream from the file into the database as they are
+    validated (constant memory; on PostgreSQL one COPY, fed while the file is parsed)."""
     (request_id,) = repository.insert_requests(session, [_request_row(job_id, request, utcnow())])
-    count = 0
-    chunk: list[ingest.DocumentInput] = []
-    for document in ingest.iter_corpus(lines):
-        chunk.append(document)
-        if len(chunk) >= DOCUMENT_BATCH:
-            repository.insert_documents(session, _document_rows(request_id, chunk, count))
-            count += len(chunk)
-            chunk = []
-    repository.insert_documents(session, _document_rows(request_id, chunk, count))
-    count += len(chunk)
+    documents = _document_rows(request_id, ingest.iter_corpus(lines))
+    count = repository.insert_documents(session, documents)
     repository.set_document_count(session, request_id, count)
     warning = _split_warning(request, count, per_call_cap)
     if warning:
@@ -421,14 +414,14 @@ def result_line(
 
 
 def write_results(job_id: str, out: IO[str], settings: Settings | None = None) -> int:
+    """Write the job's result lines to `out`, one write per batch of rows; returns the count."""
     count = 0
     with sessions(settings)() as session:
         if repository.get_job(session, job_id) is None:
             raise errors.JobNotFound(f"no job with id '{job_id}'")
-        for row in repository.iter_results(session, job_id):
-            out.write(result_line(*row))
-            out.write("\n")
-            count += 1
+        for rows in repository.iter_results(session, job_id):
+            out.write("".join([result_line(*row) + "\n" for row in rows]))
+            count += len(rows)
     return count
 
 

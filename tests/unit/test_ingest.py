@@ -60,6 +60,23 @@ def test_every_document_form_is_kept_exactly_as_given() -> None:
     assert all(d.doc_id is None for d in request.documents)
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["plain", 'quote " and backslash \\', "new\nline\ttab\x01", "ünïcødé ✓ 𝄞", "</script>"],
+    ids=["plain", "escapes", "controls", "non-ascii", "slash"],
+)
+def test_document_content_is_compact_json_with_non_ascii_kept(text: str) -> None:
+    documents = [text, {"text": text}, {"image": text}]
+    [request] = requests_of(line({"query": "q", "documents": documents}))
+    assert [d.content for d in request.documents] == [
+        json.dumps(d, ensure_ascii=False, separators=(",", ":")) for d in documents
+    ]
+    [corpus_doc] = iter_corpus([line({"id": 7, "text": text})])
+    assert corpus_doc.content == json.dumps(
+        {"text": text}, ensure_ascii=False, separators=(",", ":")
+    )
+
+
 def test_all_fields_given_are_carried_over() -> None:
     [request] = requests_of(
         line(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -120,30 +121,50 @@ def insert_requests(session: Session, rows: list[dict[str, Any]]) -> list[int]:
 
 
 DOCUMENT_COLUMNS = ("request_id", "position", "content", "doc_id")
+# (request_id, position, content, doc_id), in the order of DOCUMENT_COLUMNS.
+DocumentRow = tuple[int, int, str, str | None]
+# Rows per multi-row INSERT where there is no COPY.
+DOCUMENT_INSERT_BATCH = 5000
 
 
-def insert_documents(session: Session, rows: list[dict[str, Any]]) -> None:
-    """Bulk insert; on PostgreSQL through COPY, inside the session's transaction."""
-    if not rows:
-        return
-    if session.get_bind().dialect.name != "postgresql":
-        session.execute(insert(DOCUMENT_TABLE), rows)
-        return
-    _copy(
-        session, "document", DOCUMENT_COLUMNS, (tuple(r[c] for c in DOCUMENT_COLUMNS) for r in rows)
-    )
+def insert_documents(session: Session, rows: Iterable[DocumentRow]) -> int:
+    """Bulk insert inside the session's transaction; returns the number of rows.
+
+    `rows` may be a generator still reading the input: PostgreSQL takes them all in one
+    COPY, so the server stores rows while the caller parses the next ones. Other
+    databases get multi-row INSERTs of DOCUMENT_INSERT_BATCH rows.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        return _copy(session, "document", DOCUMENT_COLUMNS, rows)
+    count = 0
+    for batch in _chunks(rows, DOCUMENT_INSERT_BATCH):
+        session.execute(
+            insert(DOCUMENT_TABLE), [dict(zip(DOCUMENT_COLUMNS, row, strict=True)) for row in batch]
+        )
+        count += len(batch)
+    return count
+
+
+def _chunks(rows: Iterable[DocumentRow], size: int) -> Iterator[list[DocumentRow]]:
+    iterator = iter(rows)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 def _copy(
     session: Session, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
-) -> None:
-    """COPY rows into a table inside the session's transaction (PostgreSQL)."""
+) -> int:
+    """COPY rows into a table inside the session's transaction (PostgreSQL); returns the
+    number of rows. An exception raised by `rows` aborts the COPY and propagates."""
     driver = session.connection().connection.driver_connection
     assert driver is not None
     statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
+    count = 0
     with driver.cursor() as cursor, cursor.copy(statement) as copy:
         for row in rows:
             copy.write_row(row)
+            count += 1
+    return count
 
 
 def set_document_count(session: Session, request_id: int, count: int) -> None:
@@ -422,22 +443,26 @@ def cancel_job(session: Session, job_id: str) -> bool:
     return bool(changed)
 
 
-def iter_results(session: Session, job_id: str, batch: int = 2000) -> Iterator[tuple[Any, ...]]:
-    """Rows in input order, streamed in batches (constant memory)."""
+def iter_results(
+    session: Session, job_id: str, batch: int = 1000
+) -> Iterator[Sequence[Sequence[Any]]]:
+    """Rows in input order, in lists of up to `batch` (constant memory: a server-side
+    cursor on PostgreSQL). Core rows, without the ORM's per-row work."""
+    table = REQUEST_TABLE
     query = (
         select(
-            Request.custom_id,
-            Request.status,
-            Request.results_json,
-            Request.total_tokens,
-            Request.error_type,
-            Request.error_message,
+            table.c.custom_id,
+            table.c.status,
+            table.c.results_json,
+            table.c.total_tokens,
+            table.c.error_type,
+            table.c.error_message,
         )
-        .where(Request.job_id == job_id)
-        .order_by(Request.position)
-        .execution_options(yield_per=batch)
+        .where(table.c.job_id == job_id)
+        .order_by(table.c.position)
     )
-    yield from session.execute(query)
+    result = session.connection().execution_options(yield_per=batch).execute(query)
+    yield from result.partitions()
 
 
 def usage(session: Session, job_id: str | None) -> list[UsageRow]:

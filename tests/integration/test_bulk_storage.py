@@ -1,0 +1,154 @@
+"""Large inputs and outputs on SQLite and PostgreSQL: documents stream into SQL as the file
+is read, a bad line late in a corpus leaves nothing behind, and results stream back in
+input order."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import text, update
+from sqlalchemy.orm import Session
+
+from worker import errors, service
+from worker.db import repository
+from worker.db.base import utcnow
+from worker.db.models import Job, JobStatus, Request, RequestStatus
+from worker.db.session import get_engine, get_sessionmaker
+from worker.settings import Settings
+
+CORPUS_DOCUMENTS = 12_000
+
+
+def table_counts(url: str) -> dict[str, int]:
+    with get_engine(url).connect() as connection:
+        return {
+            table: connection.execute(text(f"SELECT count(*) FROM {table}")).scalar_one()
+            for table in ("job", "request", "document")
+        }
+
+
+def new_job(session: Session, requests: int) -> tuple[str, list[int]]:
+    """A job with `requests` queued requests (custom_id r-0, r-1, ...) and no documents."""
+    job_id = f"job{requests}"
+    session.add(Job(id=job_id, status=JobStatus.QUEUED, priority="bulk", total_requests=requests))
+    session.flush()
+    rows = [
+        {
+            "job_id": job_id,
+            "position": position,
+            "custom_id": f"r-{position}",
+            "query": "q",
+            "model": "jina-reranker-m0",
+            "top_n": None,
+            "return_documents": False,
+            "document_count": 1,
+            "status": RequestStatus.QUEUED,
+            "deliveries": 0,
+            "total_tokens": 0,
+            "enqueued_at": utcnow(),
+        }
+        for position in range(requests)
+    ]
+    return job_id, repository.insert_requests(session, rows)
+
+
+def test_documents_from_a_generator_are_stored_in_order_and_counted(database_url: str) -> None:
+    total = 2 * repository.DOCUMENT_INSERT_BATCH + 7
+    with get_sessionmaker(database_url).begin() as session:
+        _, (request_id,) = new_job(session, 1)
+        rows = (
+            (request_id, i, json.dumps(f"doc {i}"), f"id-{i}" if i % 2 else None)
+            for i in range(total)
+        )
+        assert repository.insert_documents(session, rows) == total
+    with get_engine(database_url).connect() as connection:
+        stored = connection.execute(
+            text("SELECT position, content, doc_id FROM document ORDER BY position")
+        ).all()
+    assert [tuple(row) for row in stored] == [
+        (i, json.dumps(f"doc {i}"), f"id-{i}" if i % 2 else None) for i in range(total)
+    ]
+
+
+def test_an_error_raised_while_documents_stream_propagates_and_stores_nothing(
+    database_url: str,
+) -> None:
+    def rows(request_id: int) -> Iterator[repository.DocumentRow]:
+        yield (request_id, 0, '"a"', None)
+        yield (request_id, 1, '"b"', None)
+        raise errors.InputError("document text is empty", line=3)
+
+    with pytest.raises(errors.InputError), get_sessionmaker(database_url).begin() as session:
+        _, (request_id,) = new_job(session, 1)
+        repository.insert_documents(session, rows(request_id))
+    assert table_counts(database_url) == {"job": 0, "request": 0, "document": 0}
+
+
+def test_a_bad_line_late_in_a_corpus_names_it_and_stores_no_job(database_url: str) -> None:
+    lines = [json.dumps({"id": i, "text": f"doc {i}"}).encode() for i in range(CORPUS_DOCUMENTS)]
+    lines += [b'{"id": "x", "text": ""}', b'"after the bad line"']
+    with pytest.raises(errors.InputError) as caught:
+        service.submit_job(
+            iter(lines), source="corpus", query="q", settings=Settings(database_url=database_url)
+        )
+    assert (caught.value.line, caught.value.field) == (CORPUS_DOCUMENTS + 1, "text")
+    assert table_counts(database_url) == {"job": 0, "request": 0, "document": 0}
+
+
+def finish(session: Session, job_id: str) -> None:
+    """r-1 failed, r-4 still queued, the rest succeeded with one result each."""
+    of_job = Request.job_id == job_id
+    session.execute(
+        update(Request)
+        .where(of_job)
+        .values(
+            status=RequestStatus.SUCCEEDED,
+            results_json='[{"index":0,"relevance_score":0.5}]',
+            total_tokens=10,
+        )
+    )
+    session.execute(
+        update(Request)
+        .where(of_job, Request.custom_id == "r-1")
+        .values(
+            status=RequestStatus.FAILED,
+            results_json=None,
+            error_type="invalid_request",
+            error_message="bad",
+        )
+    )
+    session.execute(
+        update(Request)
+        .where(of_job, Request.custom_id == "r-4")
+        .values(status=RequestStatus.QUEUED, results_json=None)
+    )
+
+
+def test_results_stream_in_input_order_in_batches(database_url: str) -> None:
+    with get_sessionmaker(database_url).begin() as session:
+        job_id, _ = new_job(session, 7)
+        finish(session, job_id)
+    with get_sessionmaker(database_url)() as session:
+        batches = list(repository.iter_results(session, job_id, batch=3))
+    assert [len(b) for b in batches] == [3, 3, 1]
+    assert [row[0] for batch in batches for row in batch] == [f"r-{i}" for i in range(7)]
+
+
+def test_write_results_writes_one_line_per_request_in_input_order(database_url: str) -> None:
+    with get_sessionmaker(database_url).begin() as session:
+        job_id, _ = new_job(session, 7)
+        finish(session, job_id)
+    out = io.StringIO()
+    count = service.write_results(job_id, out, Settings(database_url=database_url))
+    lines: list[dict[str, Any]] = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert count == len(lines) == 7
+    assert [line["custom_id"] for line in lines] == [f"r-{i}" for i in range(7)]
+    assert [line["status"] for line in lines] == ["succeeded", "failed"] + ["succeeded"] * 2 + [
+        "pending"
+    ] + ["succeeded"] * 2
+    assert lines[0]["results"] == [{"index": 0, "relevance_score": 0.5}]
+    assert lines[1]["error"] == {"type": "invalid_request", "message": "bad"}
