@@ -320,19 +320,26 @@ def run_measured(env: dict[str, str], workdir: Path, *args: str) -> Measured:
     return Measured(elapsed_s, round(peak_kb / 1024, 1), stdout, stderr)
 
 
-def write_corpus(path: Path, count: int, chunk: int = 10_000) -> None:
-    """A corpus file: one document per line, most with an id, some plain strings."""
+def write_corpus(path: Path, count: int, chunk: int = 10_000, edit_every: int = 0) -> None:
+    """A corpus file: one document per line, most with an id, some plain strings.
+
+    With `edit_every`, every so many documents read differently (a revised corpus)."""
     with path.open("w") as out:
         for start in range(0, count, chunk):
             out.write(
                 "".join(
                     f'{{"id":"sku-{i}","text":"item {i}: leather boot, size {i % 47}, '
-                    f'colour {i % 13}, lining {i % 7}"}}\n'
+                    f'colour {i % 13}, lining {i % 7}{_edit(i, edit_every)}"}}\n'
                     if i % 4
-                    else f'"item {i}: trail runner with a mesh upper, size {i % 47}"\n'
+                    else f'"item {i}: trail runner with a mesh upper, size {i % 47}'
+                    f'{_edit(i, edit_every)}"\n'
                     for i in range(start, min(count, start + chunk))
                 )
             )
+
+
+def _edit(i: int, edit_every: int) -> str:
+    return " (revised)" if edit_every and i % edit_every == 0 else ""
 
 
 def document_rows(database_url: str, job_id: str) -> int:
@@ -381,6 +388,45 @@ def bench_ingest(corpus_docs: int, requests: int, docs: int) -> list[Row]:
 
 # Ten results per request, indexes spread over 100 documents, scores descending; it refers
 # to the row's position so that PostgreSQL computes it for each row.
+CORPUS_QUERY = "waterproof hiking boots"
+
+
+def bench_cache(corpus_docs: int, edit_every: int) -> list[Row]:
+    """The score cache: one corpus ranked three times by one worker (cold, unchanged, then
+    with every `edit_every`-th document revised), each timed from submit to completed."""
+    with services() as svc:
+        env = svc.env()
+        corpus, edited = svc.workdir / "corpus.jsonl", svc.workdir / "edited.jsonl"
+        write_corpus(corpus, corpus_docs)
+        write_corpus(edited, corpus_docs, edit_every=edit_every)
+        runs = [
+            ("cache: corpus, cold", corpus),
+            ("cache: same corpus again", corpus),
+            (f"cache: 1 in {edit_every} documents revised", edited),
+        ]
+        rows = []
+        with worker(env):
+            time.sleep(3)  # let the worker connect before the clock starts
+            for name, path in runs:
+                svc.reset()
+                started = time.monotonic()
+                submitted = cli(env, "submit", str(path), "--query", CORPUS_QUERY, "--top-n", "100")
+                status = wait_job(env, submitted.stdout.strip().splitlines()[-1])
+                elapsed_s = time.monotonic() - started
+                upstream = svc.stats()["total"]
+                figures = {
+                    "items": f"{corpus_docs} documents",
+                    "succeeded": status["succeeded"],
+                    "elapsed_s": round(elapsed_s, 1),
+                    "upstream_calls": upstream["ok"],
+                    "docs_sent": upstream["documents_scored"],
+                    "cache_hit_rate": status["cache"]["hit_rate"],
+                    "tokens_saved": status["cache"]["tokens_saved"],
+                }
+                rows.append(Row(name, figures))
+        return rows
+
+
 FAKE_RESULTS_SQL = """
     SELECT '[' || string_agg(
         '{"index":' || mod(i * 7 + k * 13, 100) || ',"relevance_score":'
@@ -511,6 +557,8 @@ COLUMNS = {
     "peak_rss_mb": "peak RSS MB",
     "lines_per_s": "export lines/s",
     "stream_lines_per_s": "export lines/s after start-up",
+    "upstream_calls": "upstream calls",
+    "docs_sent": "documents sent",
     "cache_hit_rate": "cache hit rate",
     "tokens_saved": "saved tokens",
     "interactive_latency_ms": "interactive ms under bulk load",
@@ -524,6 +572,7 @@ TARGETS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "throughput": lambda a: bench_throughput(a.requests, a.docs, a.worker_args.split()),
     "ingest": lambda a: bench_ingest(a.corpus_docs, a.ingest_requests, a.ingest_docs),
     "export": lambda a: bench_export([int(n) for n in a.export_lines.split(",")]),
+    "cache": lambda a: bench_cache(a.cache_docs, a.cache_edit_every),
 }
 
 
@@ -549,6 +598,10 @@ def main() -> None:
     parser.add_argument("--ingest-requests", type=int, default=10_000, help="ingest: requests")
     parser.add_argument("--ingest-docs", type=int, default=100, help="ingest: per request")
     parser.add_argument("--export-lines", default="100000,1000000", help="export: job sizes")
+    parser.add_argument("--cache-docs", type=int, default=100_000, help="cache: corpus size")
+    parser.add_argument(
+        "--cache-edit-every", type=int, default=100, help="cache: revise 1 in N documents"
+    )
     args = parser.parse_args()
     rows = [row for name in args.only or list(TARGETS) for row in TARGETS[name](args)]
     table = render(rows)
