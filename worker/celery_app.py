@@ -25,7 +25,9 @@ def create_app() -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": 3600},
+        # A worker fetches from the interactive queue whenever it has a message, before bulk
+        # (kombu's default rotates between the queues).
+        broker_transport_options={"visibility_timeout": 3600, "queue_order_strategy": "priority"},
         worker_hijack_root_logger=False,
         task_serializer="json",
         accept_content=["json"],

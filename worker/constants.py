@@ -22,6 +22,10 @@ SLOT_LEASE_MARGIN_S = 5.0
 # How long a waiting caller sleeps between attempts to take a slot (grows to the max).
 SLOT_POLL_MIN_S = 0.002
 SLOT_POLL_MAX_S = 0.05
+# An interactive taker looks again sooner (its pause grows to this), and while it waits it
+# holds bulk takers back for this long after each attempt (if its process dies, no longer).
+INTERACTIVE_POLL_MAX_S = 0.01
+INTERACTIVE_GATE_S = 0.5
 # While Redis is unreachable, slot takers retry with backoff up to this interval.
 REDIS_RETRY_MAX_S = 2.0
 
@@ -43,6 +47,9 @@ RECORD_INTERVAL_S = 0.05
 # Requests a worker process holds at once (claimed, waiting for a slot or in flight).
 BACKLOG_PER_SLOT = 3
 MIN_BACKLOG = 32
+# While every task thread of a worker waits for room, it checks this often whether an
+# interactive message is queued (and then frees one thread for it).
+INTERACTIVE_LOOKOUT_S = 0.02
 
 # Redis keys. {name} is a key NAME, never a secret.
 REDIS_PREFIX = "rerank:"
@@ -50,6 +57,8 @@ SLOTS_KEY = REDIS_PREFIX + "slots:{name}"
 PAUSE_KEY = REDIS_PREFIX + "pause:{name}"
 REVOKED_KEY = REDIS_PREFIX + "revoked:{name}"
 CANCELLED_JOB_KEY = REDIS_PREFIX + "cancelled:{job_id}"
+# Interactive slot takers waiting anywhere (member: token, score: expiry in Redis ms).
+INTERACTIVE_WAITERS_KEY = REDIS_PREFIX + "interactive-waiting"
 SWEEPER_LOCK_KEY = REDIS_PREFIX + "sweeper-lock"
 
 CANCEL_MARK_TTL_S = 7 * 24 * 3600

@@ -154,7 +154,7 @@ class Reranker:
         path = catalog.model_spec(work.model).path
         failures = 0
         while True:
-            async with self._pool.slot(work.job_id) as lease:
+            async with self._pool.slot(work.job_id, work.priority) as lease:
                 started = utcnow()
                 try:
                     result = await self._client.rerank(lease.key, path, body)

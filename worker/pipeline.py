@@ -5,6 +5,11 @@ allow; a recorder thread writes outcomes in batches and keeps the leases of requ
 still running. A task returns once the pipeline has room, not when its own requests are
 done, so the next message arrives while these are in flight and the slots never wait on
 a task's slowest request. SQL leases, not Celery acks, guard against a dead worker.
+
+An interactive task returns at once (its requests still count in the backlog). A bulk task
+waiting for room holds a Celery thread and a prefetch place; when every task thread of the
+process waits so and an interactive message is queued, a lookout thread lets one of them
+return, and the Celery consumer (interactive queue first) takes that message next.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 
+import redis
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -25,7 +32,7 @@ from worker.db import repository
 from worker.db.models import RequestStatus
 from worker.db.session import in_transaction
 from worker.domain import RequestOutcome, RequestWork
-from worker.runtime import Engine
+from worker.runtime import Engine, redis_url, sync_redis
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,47 +61,92 @@ def record(session: Session, outcomes: list[RequestOutcome]) -> None:
 
 
 class Pipeline:
-    def __init__(self, engine: Engine, settings: Settings, *, max_backlog: int) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        *,
+        max_backlog: int,
+        interactive_queued: Callable[[], bool] | None = None,
+        task_threads: int = 1,
+    ) -> None:
         self._engine = engine
         self._url = settings.sqlalchemy_url()
         self._lease_s = settings.request_lease_s
         self._max_backlog = max_backlog
-        self._outcomes: queue.Queue[RequestOutcome] = queue.Queue()
+        # Each outcome with whether it closes its batch at once (an interactive request's).
+        self._outcomes: queue.Queue[tuple[RequestOutcome, bool]] = queue.Queue()
         self._running: dict[int, RequestWork] = {}
         self._room = threading.Condition()
+        self._waiting = 0  # bulk tasks blocked in run() until there is room
+        self._make_way = False  # one of them is to return now, for an interactive message
         self._stopping = threading.Event()
         self._recorder = threading.Thread(
             target=self._record_loop, name="rerank-recorder", daemon=True
         )
         self._recorder.start()
+        if interactive_queued is not None:
+            threading.Thread(
+                target=self._lookout_loop,
+                args=(interactive_queued, task_threads),
+                name="rerank-lookout",
+                daemon=True,
+            ).start()
 
     def run(self, work: list[RequestWork]) -> None:
-        """Start the requests; return once fewer than `max_backlog` are in this process."""
+        """Start the requests. A bulk task then returns once fewer than `max_backlog` are
+        in this process; an interactive task returns at once."""
         with self._room:
             self._running.update((w.request_id, w) for w in work)
         for item in work:
             future = self._engine.submit(item)
             future.add_done_callback(functools.partial(self._finished, item))
+        if any(w.priority != constants.QUEUE_INTERACTIVE for w in work):
+            self._wait_for_room()
+
+    def _wait_for_room(self) -> None:
         with self._room:
-            self._room.wait_for(lambda: len(self._running) < self._max_backlog)
+            self._waiting += 1
+            try:
+                self._room.wait_for(
+                    lambda: len(self._running) < self._max_backlog or self._make_way
+                )
+            finally:
+                self._waiting -= 1
+            self._make_way = False
+
+    def _lookout_loop(self, interactive_queued: Callable[[], bool], task_threads: int) -> None:
+        """While every task thread waits for room, free one for a queued interactive message."""
+        while not self._stopping.wait(constants.INTERACTIVE_LOOKOUT_S):
+            with self._room:
+                blocked = self._waiting >= task_threads and not self._make_way
+            if blocked and interactive_queued():
+                with self._room:
+                    if self._waiting >= task_threads:
+                        self._make_way = True
+                        self._room.notify_all()
 
     def _finished(
         self, work: RequestWork, future: concurrent.futures.Future[RequestOutcome]
     ) -> None:
-        self._outcomes.put(outcome_of(future, work))
+        urgent = work.priority == constants.QUEUE_INTERACTIVE
+        self._outcomes.put((outcome_of(future, work), urgent))
 
     def _next_batch(self) -> list[RequestOutcome]:
-        """What finished in the last interval (waits for the first at most that long)."""
+        """What finished in the last interval (waits for the first at most that long); an
+        interactive request's outcome is written at once, with what came before it."""
         try:
-            batch = [self._outcomes.get(timeout=constants.RECORD_INTERVAL_S)]
+            outcome, urgent = self._outcomes.get(timeout=constants.RECORD_INTERVAL_S)
         except queue.Empty:
             return []
+        batch = [outcome]
         deadline = time.monotonic() + constants.RECORD_INTERVAL_S
-        while (left := deadline - time.monotonic()) > 0:
+        while not urgent and (left := deadline - time.monotonic()) > 0:
             try:
-                batch.append(self._outcomes.get(timeout=left))
+                outcome, urgent = self._outcomes.get(timeout=left)
             except queue.Empty:
                 break
+            batch.append(outcome)
         return batch
 
     def _record_loop(self) -> None:
@@ -139,6 +191,22 @@ class Pipeline:
 
 _lock = threading.Lock()
 _pipeline: tuple[int, Pipeline] | None = None
+_interactive_threads: int | None = None
+
+
+def watch_interactive(task_threads: int) -> None:
+    """Say that this process's Celery worker takes interactive messages into `task_threads`
+    threads (before its first task), so its bulk tasks make way for them."""
+    global _interactive_threads
+    _interactive_threads = task_threads
+
+
+def interactive_queued(client: redis.Redis) -> bool:
+    """Whether an interactive message waits in the broker (kombu keeps a queue as a list)."""
+    try:
+        return bool(client.llen(constants.QUEUE_INTERACTIVE))
+    except redis.exceptions.RedisError:
+        return False
 
 
 def get_pipeline(settings: Settings) -> Pipeline:
@@ -147,7 +215,17 @@ def get_pipeline(settings: Settings) -> Pipeline:
     with _lock:
         if _pipeline is None or _pipeline[0] != os.getpid():
             backlog = max(constants.MIN_BACKLOG, constants.BACKLOG_PER_SLOT * settings.total_slots)
-            _pipeline = (os.getpid(), Pipeline(Engine(settings), settings, max_backlog=backlog))
+            queued = None
+            if _interactive_threads is not None:
+                queued = functools.partial(interactive_queued, sync_redis(redis_url(settings)))
+            pipeline = Pipeline(
+                Engine(settings),
+                settings,
+                max_backlog=backlog,
+                interactive_queued=queued,
+                task_threads=_interactive_threads or 1,
+            )
+            _pipeline = (os.getpid(), pipeline)
         return _pipeline[1]
 
 

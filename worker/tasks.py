@@ -6,9 +6,8 @@ from typing import Any
 
 from celery import signals
 
-from worker import service, sweeper
+from worker import constants, pipeline, service, sweeper
 from worker.celery_app import app
-from worker.pipeline import close_pipeline
 from worker.settings import get_settings
 
 
@@ -22,7 +21,15 @@ def _start_sweeper(**_: Any) -> None:
     sweeper.start_sweeper()
 
 
+@signals.worker_ready.connect
+def _watch_interactive(sender: Any, **_: Any) -> None:
+    """A worker that takes interactive messages must not have every thread held by bulk."""
+    queues = {queue.name for queue in sender.task_consumer.queues}
+    if constants.QUEUE_INTERACTIVE in queues:
+        pipeline.watch_interactive(task_threads=sender.pool.num_processes)
+
+
 @signals.worker_shutdown.connect
 def _stop(**_: Any) -> None:
     sweeper.stop_sweeper()
-    close_pipeline(timeout_s=get_settings().call_timeout_s * 2)
+    pipeline.close_pipeline(timeout_s=get_settings().call_timeout_s * 2)

@@ -12,14 +12,23 @@ key; a process that saw an epoch before and finds none has seen the state lost, 
 starts a quarantine of one lease length (no new slot for anyone, after which every
 forgotten lease would have expired) and puts back the leases it still holds itself.
 Redis outages are waited out; a lease that cannot be released expires by itself.
+
+Interactive takers go first. In a process, a priority semaphore serves them before any
+waiting bulk taker. Across processes and hosts, an interactive taker that is told to wait
+registers in a sorted set (member: its token, score: an expiry a moment ahead, refreshed on
+each attempt); while that set has a live member, the script gives bulk takers only the
+free slots beyond one per waiting interactive taker. Its entry goes when it gets a slot or
+gives up, or expires if its process dies.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -38,6 +47,9 @@ local lease_ms = tonumber(ARGV[2])
 local token = ARGV[3]
 local cancel_key = ARGV[4]
 local seen_epoch = ARGV[5]
+local interactive = ARGV[6] == '1'
+local gate_ms = tonumber(ARGV[7])
+local gate = prefix .. 'interactive-waiting'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local epoch = redis.call('GET', prefix .. 'epoch')
@@ -48,14 +60,26 @@ if not epoch then
     redis.call('SET', prefix .. 'quarantine', '1', 'PX', lease_ms)
   end
 end
+-- An interactive taker is in the gate set exactly while it is told to wait.
+local function answer(outcome, value)
+  if interactive then
+    if outcome == 'wait' then
+      redis.call('ZADD', gate, now + gate_ms, token)
+      redis.call('PEXPIRE', gate, gate_ms)
+    else
+      redis.call('ZREM', gate, token)
+    end
+  end
+  return {outcome, value, epoch}
+end
 if cancel_key ~= '' and redis.call('EXISTS', cancel_key) == 1 then
-  return {'cancelled', '', epoch}
+  return answer('cancelled', '')
 end
 local quarantine_ms = redis.call('PTTL', prefix .. 'quarantine')
-if quarantine_ms > 0 then return {'wait', tostring(quarantine_ms), epoch} end
-local best, best_free = nil, 0
+if quarantine_ms > 0 then return answer('wait', tostring(quarantine_ms)) end
+local best, best_free, total_free = nil, 0, 0
 local usable, wait_ms = 0, -1
-for i = 6, #ARGV, 2 do
+for i = 8, #ARGV, 2 do
   local name = ARGV[i]
   local limit = tonumber(ARGV[i + 1])
   if redis.call('EXISTS', prefix .. 'revoked:' .. name) == 0 then
@@ -67,18 +91,23 @@ for i = 6, #ARGV, 2 do
       local slots = prefix .. 'slots:' .. name
       redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
       local free = limit - redis.call('ZCARD', slots)
+      if free > 0 then total_free = total_free + free end
       if free > best_free then best, best_free = name, free end
     end
   end
+end
+-- A bulk taker leaves one free slot to each interactive taker waiting anywhere.
+if best and not interactive and redis.call('ZCOUNT', gate, now, '+inf') >= total_free then
+  return answer('wait', '-1')
 end
 if best then
   local slots = prefix .. 'slots:' .. best
   redis.call('ZADD', slots, now + lease_ms, token)
   redis.call('PEXPIRE', slots, lease_ms * 2)
-  return {'ok', best, epoch}
+  return answer('ok', best)
 end
-if usable == 0 then return {'none', '', epoch} end
-return {'wait', tostring(wait_ms), epoch}
+if usable == 0 then return answer('none', '') end
+return answer('wait', tostring(wait_ms))
 """
 
 # Put back a lease this process still holds, after Redis lost its state.
@@ -107,6 +136,55 @@ class Lease:
     token: str
 
 
+class PrioritySemaphore:
+    """A semaphore that serves interactive waiters before bulk ones, each in arrival order.
+
+    A release hands its permit straight to the next waiter, so a newcomer never overtakes
+    one already waiting; a waiter cancelled after it was handed a permit passes it on.
+    """
+
+    def __init__(self, value: int) -> None:
+        self._free = value
+        self._waiters: dict[bool, deque[asyncio.Future[None]]] = {True: deque(), False: deque()}
+
+    def waiting(self, interactive: bool) -> int:
+        return len(self._waiters[interactive])
+
+    async def acquire(self, interactive: bool) -> None:
+        if self._free > 0:
+            self._free -= 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters[interactive].append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a permit just as it was cancelled
+            else:
+                with contextlib.suppress(ValueError):  # a release may have dropped it
+                    self._waiters[interactive].remove(waiter)
+            raise
+
+    def release(self) -> None:
+        for interactive in (True, False):
+            waiters = self._waiters[interactive]
+            while waiters:
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    return
+        self._free += 1
+
+    @asynccontextmanager
+    async def hold(self, interactive: bool) -> AsyncIterator[None]:
+        await self.acquire(interactive)
+        try:
+            yield
+        finally:
+            self.release()
+
+
 class KeyPool:
     """The configured keys and their shared state in Redis."""
 
@@ -127,11 +205,12 @@ class KeyPool:
         self._acquire = redis.register_script(ACQUIRE_LUA)
         self._pause = redis.register_script(PAUSE_LUA)
         # A process never holds more than every key's slots; waiting here costs no Redis calls.
-        self._local = asyncio.Semaphore(sum(k.max_concurrency for k in keys))
+        self._local = PrioritySemaphore(sum(k.max_concurrency for k in keys))
         self._key_args = [x for k in keys for x in (k.name, str(k.max_concurrency))]
         self._restore = redis.register_script(RESTORE_LUA)
         self._held: dict[str, str] = {}
         self._epoch: str | None = None
+        self._gate_ms = int(constants.INTERACTIVE_GATE_S * 1000)
 
     def _cancel_key(self, job_id: str | None) -> str:
         if job_id is None:
@@ -139,6 +218,14 @@ class KeyPool:
         return self._prefix + f"cancelled:{job_id}"
 
     async def _try_acquire(self, token: str, job_id: str | None) -> tuple[str, str]:
+        """One attempt of a bulk taker."""
+        return await self._attempt(token, job_id, interactive=False)
+
+    async def _try_acquire_interactive(self, token: str, job_id: str | None) -> tuple[str, str]:
+        """One attempt of an interactive taker; told to wait, it holds bulk takers back."""
+        return await self._attempt(token, job_id, interactive=True)
+
+    async def _attempt(self, token: str, job_id: str | None, interactive: bool) -> tuple[str, str]:
         outcome, value, epoch = await self._acquire(
             args=[
                 self._prefix,
@@ -146,6 +233,8 @@ class KeyPool:
                 token,
                 self._cancel_key(job_id),
                 self._epoch or "",
+                "1" if interactive else "0",
+                self._gate_ms,
                 *self._key_args,
             ]
         )
@@ -164,10 +253,17 @@ class KeyPool:
             )
 
     @asynccontextmanager
-    async def slot(self, job_id: str | None = None) -> AsyncIterator[Lease]:
-        """Hold one slot of some usable key for the duration of the block."""
-        async with self._local:
-            lease = await self._wait_for_slot(job_id)
+    async def slot(
+        self, job_id: str | None = None, priority: str = constants.QUEUE_BULK
+    ) -> AsyncIterator[Lease]:
+        """Hold one slot of some usable key for the duration of the block.
+
+        An interactive taker gets the next free slot before any bulk taker waiting here
+        or in another process.
+        """
+        interactive = priority == constants.QUEUE_INTERACTIVE
+        async with self._local.hold(interactive):
+            lease = await self._wait_for_slot(job_id, interactive)
             self._held[lease.token] = lease.key.name
             try:
                 yield lease
@@ -178,13 +274,30 @@ class KeyPool:
                 except REDIS_DOWN_ERRORS:
                     log.warning("action=slot_release_failed key=%s", lease.key.name)
 
-    async def _wait_for_slot(self, job_id: str | None) -> Lease:
+    async def _wait_for_slot(self, job_id: str | None, interactive: bool) -> Lease:
         token = uuid.uuid4().hex
+        if not interactive:
+            return await self._poll(token, job_id, interactive=False)
+        try:
+            return await self._poll(token, job_id, interactive=True)
+        except BaseException:
+            await self._leave_gate(token)  # gave up while waiting: stop holding bulk back
+            raise
+
+    async def _leave_gate(self, token: str) -> None:
+        try:
+            await self._redis.zrem(self._prefix + "interactive-waiting", token)
+        except REDIS_DOWN_ERRORS:
+            log.warning("action=gate_leave_failed")  # the entry expires by itself
+
+    async def _poll(self, token: str, job_id: str | None, *, interactive: bool) -> Lease:
+        """Attempt until a slot is taken, pausing a little longer after each refusal."""
+        attempt = self._try_acquire_interactive if interactive else self._try_acquire
         poll_s = constants.SLOT_POLL_MIN_S
         outage_s = 0.0
         while True:
             try:
-                outcome, value = await self._try_acquire(token, job_id)
+                outcome, value = await attempt(token, job_id)
             except REDIS_DOWN_ERRORS:
                 # Redis restarting: wait it out; no call is made without a slot.
                 outage_s = min(max(outage_s * 2, 0.1), constants.REDIS_RETRY_MAX_S)
@@ -199,10 +312,15 @@ class KeyPool:
             if outcome == "none":
                 raise errors.NoUsableKey(await self.describe_unusable())
             wait_s = poll_s
-            if int(value) > 0:
-                wait_s = max(poll_s, int(value) / 1000)
+            if interactive:
+                # Any slot may come free at any moment (and bulk takers leave it alone):
+                # look again soon, whatever a pause on some key says.
+                poll_s = min(poll_s * 2, constants.INTERACTIVE_POLL_MAX_S)
+            else:
+                if int(value) > 0:
+                    wait_s = max(poll_s, int(value) / 1000)
+                poll_s = min(poll_s * 2, constants.SLOT_POLL_MAX_S)
             await asyncio.sleep(wait_s * random.uniform(0.8, 1.2))
-            poll_s = min(poll_s * 2, constants.SLOT_POLL_MAX_S)
 
     async def pause(self, key_name: str, seconds: float) -> None:
         """Stop every worker from calling on this key for `seconds` (after a 429)."""
