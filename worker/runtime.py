@@ -81,7 +81,9 @@ class Engine:
     async def _build(self) -> Reranker:
         settings = self._settings
         self._redis = async_redis(self._url)
-        self._client = RerankClient(settings.api_base, timeout_s=settings.call_timeout_s)
+        self._client = RerankClient(
+            settings.api_base, timeout_s=settings.call_timeout_s, keys=settings.keys
+        )
         self.pool = KeyPool(self._redis, settings.keys, lease_s=lease_s(settings))
         policy = RetryPolicy(
             max_attempts=settings.max_attempts,

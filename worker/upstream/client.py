@@ -145,6 +145,7 @@ class RerankClient:
         base_url: str,
         *,
         timeout_s: float,
+        keys: Sequence[ApiKey] = (),
         spare_connections: int = 2,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
@@ -153,6 +154,8 @@ class RerankClient:
         self._spare_connections = spare_connections
         self._transport = transport
         self._pools: dict[str, httpx.AsyncClient] = {}
+        for key in keys:  # made now: a client's TLS context takes milliseconds to build
+            self._pool(key)
 
     def _pool(self, key: ApiKey) -> httpx.AsyncClient:
         pool = self._pools.get(key.name)
