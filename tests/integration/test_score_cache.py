@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
-from conftest import Env
-from jobs_support import results_of, submit, wait_ok, write_jsonl
+from conftest import Env, wait_for
+from jobs_support import submit, write_jsonl
 
+from worker import service
 from worker.standin import ThreadedStandin
 from worker.standin.scoring import rank
 
@@ -43,12 +45,24 @@ def expected_ranking(documents: list[Any], top_n: int) -> list[dict[str, Any]]:
     return results
 
 
+def finished(job_id: str) -> dict[str, Any]:
+    """Poll the job in this process (the CLI's own start-up would dominate these tests)."""
+    status = wait_for(
+        lambda: (s := service.job_status(job_id))["status"] in ("completed", "failed") and s,
+        120,
+        f"job {job_id} to end",
+    )
+    assert isinstance(status, dict) and status["status"] == "completed", status
+    return status
+
+
 def run_corpus(env: Env, path: Path, *args: str) -> dict[str, Any]:
     job_id = submit(env, path, "--query", QUERY, "--top-n", "10", *args)
-    wait_ok(env, job_id)
-    (line,) = results_of(env, job_id)
-    usage = json.loads(env.cli("usage", "--job", job_id, "--json").stdout)
-    return {"results": line["results"], "usage": usage}
+    finished(job_id)
+    out = io.StringIO()
+    service.write_results(job_id, out)
+    (line,) = [json.loads(text) for text in out.getvalue().splitlines()]
+    return {"results": line["results"], "usage": service.usage_report(job_id)}
 
 
 def scored(standin: ThreadedStandin) -> tuple[int, int]:
@@ -105,7 +119,6 @@ def test_listwise_models_are_never_cached(
     path = write_jsonl(tmp_path / "requests.jsonl", [request])
     for _ in range(2):
         job_id = submit(env, path, "--model", "jina-reranker-v3")
-        wait_ok(env, job_id)
+        status = finished(job_id)
         assert scored(standin) == (1, 3)
-    status = json.loads(env.cli("status", job_id, "--json").stdout)
     assert status["cache"]["hits"] == 0
