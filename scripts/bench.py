@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import os
 import random
 import resource
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,8 +39,12 @@ import httpx
 import psycopg
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy import func, select
 
 from worker import embedded
+from worker.db.base import utcnow
+from worker.db.models import UpstreamCall
+from worker.settings import Settings, get_settings
 
 PG_ADMIN = os.environ.get("RERANK_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 KEYS = {f"k{i}": f"sk-bench-{i}-{uuid.uuid4().hex[:12]}" for i in range(1, 5)}
@@ -427,6 +433,141 @@ def bench_cache(corpus_docs: int, edit_every: int) -> list[Row]:
         return rows
 
 
+POLL_S = 0.01
+# Gap between two interactive submissions, so each one meets a full pipeline.
+GAP_S = 0.5
+INTERACTIVE_DOCUMENTS = 10
+DONE = ("completed", "cancelled", "failed")
+
+
+def use_env(env: dict[str, str]) -> Settings:
+    """Point this process at the bench's services, as a worker host would be."""
+    for key in [k for k in os.environ if k.startswith("RERANK_")]:
+        del os.environ[key]
+    os.environ.update({k: v for k, v in env.items() if k.startswith("RERANK_")})
+    get_settings.cache_clear()
+    from worker.celery_app import app
+
+    if app.conf.broker_url != env["RERANK_REDIS_URL"]:
+        raise RuntimeError("the Celery app was created for another broker in this process")
+    return get_settings()
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout_s: float, what: str, every_s: float = POLL_S
+) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(every_s)
+    return value
+
+
+def wait_saturated(svc: Services, timeout_s: float = 120) -> None:
+    """Until the bulk job has made enough calls to have filled the worker's pipeline."""
+    slots = len(KEYS) * SLOTS_PER_KEY
+    wait_until(
+        lambda: svc.stats()["total"]["ok"] >= 4 * slots,
+        timeout_s,
+        "the bulk job to fill the keys",
+        every_s=0.05,
+    )
+
+
+def interactive_line(sample: int) -> bytes:
+    """A fresh query each time, so no answer can come from a cache."""
+    tag = uuid.uuid4().hex
+    documents = [f"interactive doc {j} {tag}" for j in range(INTERACTIVE_DOCUMENTS)]
+    request = {"custom_id": f"i{sample}", "query": f"interactive {tag}", "documents": documents}
+    return json.dumps(request).encode() + b"\n"
+
+
+def first_call_after_ms(settings: Settings, job_id: str, submitted_at: dt.datetime) -> float:
+    """From submit to the start of the job's first upstream call (wall clocks, one host)."""
+    from worker.service import sessions
+
+    with sessions(settings)() as session:
+        started = session.scalar(
+            select(func.min(UpstreamCall.created_at)).where(UpstreamCall.job_id == job_id)
+        )
+    if started is None:
+        raise RuntimeError(f"job {job_id} completed without an upstream call")
+    return (started - submitted_at).total_seconds() * 1000
+
+
+def time_interactive(settings: Settings, sample: int) -> tuple[float, float]:
+    """Submit one one-request interactive job; (ms until completed, ms until its call)."""
+    from worker.service import job_status, submit_job
+
+    submitted_at = utcnow()
+    started = time.monotonic()
+    job = submit_job(
+        [interactive_line(sample)], source="bench-interactive", priority="interactive",
+        settings=settings,
+    )  # fmt: skip
+    status = wait_until(
+        lambda: (s := job_status(job.job_id, settings))["status"] in DONE and s,
+        60,
+        f"interactive job {sample}",
+    )
+    elapsed_ms = (time.monotonic() - started) * 1000
+    if status["status"] != "completed" or status["succeeded"] != 1:
+        raise RuntimeError(f"interactive job {sample} ended {status}")
+    return elapsed_ms, first_call_after_ms(settings, job.job_id, submitted_at)
+
+
+def submit_bulk(settings: Settings, path: Path) -> str:
+    from worker.service import submit_job
+
+    with path.open("rb") as lines:
+        return submit_job(lines, source=str(path), priority="bulk", settings=settings).job_id
+
+
+def bench_interactive(bulk_requests: int, samples: int, docs: int) -> list[Row]:
+    """Interactive submit-to-completed latency while one worker is saturated by bulk.
+
+    Once the keys are full, one-request interactive jobs are submitted one at a time with
+    `worker.service.submit_job` in this process (no CLI start-up), each timed until
+    `job_status` says `completed` (polled every 10 ms). Publishing from this process ties
+    its Celery app to this target's broker: the target runs once per bench process.
+    """
+    latency_ms = LATENCY_MS
+    from worker.service import job_status
+
+    with services(latency_ms) as svc:
+        env = svc.env()
+        settings = use_env(env)
+        path = svc.workdir / "bulk.jsonl"
+        write_requests(path, bulk_requests, docs)
+        with worker(env):
+            bulk_id = submit_bulk(settings, path)
+            wait_saturated(svc)
+            ok_before, started = svc.stats()["total"]["ok"], time.monotonic()
+            latencies, to_call = [], []
+            for sample in range(samples):
+                elapsed_ms, call_ms = time_interactive(settings, sample)
+                latencies.append(elapsed_ms)
+                to_call.append(call_ms)
+                time.sleep(GAP_S)
+            window_s = time.monotonic() - started
+            bulk_calls = svc.stats()["total"]["ok"] - ok_before - samples
+            bulk = job_status(bulk_id, settings)
+    if bulk["pending"] == 0:
+        raise RuntimeError("the bulk job ended before the last sample: raise --bulk-requests")
+    limit = len(KEYS) * SLOTS_PER_KEY / (latency_ms / 1000)
+    figures = {
+        "items": f"{samples} jobs beside {bulk_requests} bulk",
+        "interactive_latency_ms": (
+            f"{statistics.median(latencies):.0f} / {max(latencies):.0f} "
+            f"(call after {statistics.median(to_call):.0f})"
+        ),
+        "calls_per_s": round(bulk_calls / window_s, 1),
+        "percent_of_limit": round(100 * bulk_calls / window_s / limit, 1),
+    }
+    return [Row("interactive under bulk load", figures)]
+
+
 FAKE_RESULTS_SQL = """
     SELECT '[' || string_agg(
         '{"index":' || mod(i * 7 + k * 13, 100) || ',"relevance_score":'
@@ -561,7 +702,7 @@ COLUMNS = {
     "docs_sent": "documents sent",
     "cache_hit_rate": "cache hit rate",
     "tokens_saved": "saved tokens",
-    "interactive_latency_ms": "interactive ms under bulk load",
+    "interactive_latency_ms": "interactive ms median / max (to its call)",
     "worker_rss_mb": "worker RSS MB start/mid/end/max",
     "mean_calls_in_flight": "calls in flight",
     "succeeded": "succeeded",
@@ -573,6 +714,7 @@ TARGETS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "ingest": lambda a: bench_ingest(a.corpus_docs, a.ingest_requests, a.ingest_docs),
     "export": lambda a: bench_export([int(n) for n in a.export_lines.split(",")]),
     "cache": lambda a: bench_cache(a.cache_docs, a.cache_edit_every),
+    "interactive": lambda a: bench_interactive(a.bulk_requests, a.samples, a.docs),
 }
 
 
@@ -598,6 +740,8 @@ def main() -> None:
     parser.add_argument("--ingest-requests", type=int, default=10_000, help="ingest: requests")
     parser.add_argument("--ingest-docs", type=int, default=100, help="ingest: per request")
     parser.add_argument("--export-lines", default="100000,1000000", help="export: job sizes")
+    parser.add_argument("--bulk-requests", type=int, default=6000, help="interactive: bulk")
+    parser.add_argument("--samples", type=int, default=10, help="interactive: jobs timed")
     parser.add_argument("--cache-docs", type=int, default=100_000, help="cache: corpus size")
     parser.add_argument(
         "--cache-edit-every", type=int, default=100, help="cache: revise 1 in N documents"
