@@ -31,6 +31,10 @@ REDIS_BASE = os.environ.get("RERANK_TEST_REDIS", "redis://127.0.0.1:6379")
 # One database index per test session (1-15), so two suites on one machine do not meet.
 REDIS_DB = int(os.environ.get("RERANK_TEST_REDIS_DB", str(1 + os.getpid() % 15)))
 SECRETS = {"alpha": "sk-test-alpha-0123456789abcdef", "beta": "sk-test-beta-fedcba9876543210"}
+# How long after a 429 a call may still reach the stand-in without counting as inside the
+# pause: the time a client needs to learn of it (the answer's way back, then Redis). On a
+# loaded 2-core machine both the worker's event loop and the in-process stand-in lag.
+PAUSE_GRACE_MS = 250
 _counter = itertools.count()
 
 

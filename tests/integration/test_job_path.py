@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Env, api_keys, wait_for
+from conftest import PAUSE_GRACE_MS, Env, api_keys, wait_for
 from jobs_support import (
     assert_no_secret,
     database_text,
@@ -40,8 +40,7 @@ def test_job_with_faults_completes_exactly_within_limits(
         fault_429=0.04,
         fault_drop=0.02,
         retry_after_s=0.5,
-        # The time a client needs to learn of a 429 (its answer's way back, then Redis).
-        pause_grace_ms=100,
+        pause_grace_ms=PAUSE_GRACE_MS,
     )
     requests = make_requests(61, big_at=18)
     path = write_jsonl(tmp_path / "requests.jsonl", requests)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from conftest import SECRETS, Env, OwnRedis, api_keys
+from conftest import PAUSE_GRACE_MS, SECRETS, Env, OwnRedis, api_keys
 from jobs_support import expected_results, make_requests, results_of, submit, wait_ok, write_jsonl
 from pydantic import SecretStr
 from sqlalchemy import text
@@ -61,8 +61,8 @@ def test_thirty_percent_mixed_faults_every_request_succeeds_exactly_within_limit
         fault_drop=0.06,
         fault_slow=0.06,
         slow_ms=3000,  # past the 1 s call timeout: the client gives up on these
-        retry_after_s=0.3,
-        pause_grace_ms=100,
+        retry_after_s=0.6,
+        pause_grace_ms=PAUSE_GRACE_MS,
     )
     requests = make_requests(60)
     path = write_jsonl(tmp_path / "requests.jsonl", requests)
@@ -102,7 +102,7 @@ def test_a_request_that_exhausts_its_attempts_fails_with_its_last_error_and_the_
     calls, none of them inside a pause, then fails as rate limited."""
     attempts = 3
     env: Env = make_env(postgres_url, RERANK_MAX_ATTEMPTS=str(attempts))
-    standin.update(fault_429=1.0, retry_after_s=0.2, pause_grace_ms=100, latency_ms=10)
+    standin.update(fault_429=1.0, retry_after_s=0.5, pause_grace_ms=PAUSE_GRACE_MS, latency_ms=10)
     requests = make_requests(6)
     env.start_worker(concurrency=2)
     job_id = submit(env, write_jsonl(tmp_path / "requests.jsonl", requests))
