@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import uuid
@@ -251,30 +252,30 @@ def publish(ids: list[int], priority: str) -> None:
 def run_requests(request_ids: list[int]) -> int:
     """Claim the requests in SQL and hand them to this process's pipeline."""
     settings = get_settings()
-    work, poison = _in_transaction(
-        lambda s: repository.claim_requests(
-            s,
-            request_ids,
-            lease_s=settings.request_lease_s,
-            max_deliveries=constants.MAX_DELIVERIES,
-        )
-    )
-    work = _with_cache_hits(work, settings)
-    if poison:
-        log.error("action=poison_request ids=%s", poison)
-        _in_transaction(lambda s: repository.complete_jobs_of_requests(s, poison))
+    work = _in_transaction(functools.partial(_claim, ids=request_ids, settings=settings))
     if work:
         get_pipeline(settings).run(work)
     return len(work)
 
 
-def _with_cache_hits(work: list[RequestWork], settings: Settings) -> list[RequestWork]:
+def _claim(session: Session, ids: list[int], settings: Settings) -> list[RequestWork]:
+    """One transaction per task: claim, end the jobs of poison requests, look up the cache."""
+    work, poison = repository.claim_requests(
+        session, ids, lease_s=settings.request_lease_s, max_deliveries=constants.MAX_DELIVERIES
+    )
+    if poison:
+        log.error("action=poison_request ids=%s", poison)
+        repository.complete_jobs_of_requests(session, poison)
+    return _with_cache_hits(session, work)
+
+
+def _with_cache_hits(session: Session, work: list[RequestWork]) -> list[RequestWork]:
     """Look up the cacheable requests' pairs, all in one query."""
     keys = {w.request_id: cache.keys_of(w) for w in work if cache.applies(w)}
     if not keys:
         return work
     every_key = [key for request_keys in keys.values() for key in request_keys]
-    found = _in_transaction(lambda s: repository.cached_scores(s, every_key), settings)
+    found = repository.cached_scores(session, every_key)
     return [
         cache.with_hits(w, keys[w.request_id], found) if w.request_id in keys else w for w in work
     ]
