@@ -228,20 +228,38 @@ def worker(env: dict[str, str], *extra: str) -> Iterator[subprocess.Popen[bytes]
         process.wait(timeout=60)
 
 
-def wait_job(env: dict[str, str], job_id: str, timeout_s: float = 900) -> dict[str, Any]:
+DONE = ("completed", "cancelled", "failed")
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout_s: float, what: str, every_s: float = 0.1
+) -> Any:
+    """Poll until `predicate` returns something truthy; that value."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(every_s)
+    return value
+
+
+def wait_job(
+    settings: Settings, job_id: str, timeout_s: float = 900, every_s: float = 0.1
+) -> dict[str, Any]:
     """Poll the job's status in SQL from this process (a CLI per poll would eat a core)."""
     from worker.service import job_status
-    from worker.settings import Settings
 
-    settings = Settings(database_url=env["RERANK_DATABASE_URL"])
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = job_status(job_id, settings)
-        if status["status"] in ("completed", "cancelled", "failed"):
-            return dict(status)
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"job {job_id} not done after {timeout_s}s: {status}")
-        time.sleep(0.1)
+    ended = wait_until(
+        lambda: (status := job_status(job_id, settings))["status"] in DONE and status,
+        timeout_s,
+        f"job {job_id} to end",
+        every_s,
+    )
+    return dict(ended)
+
+
+def database_settings(env: dict[str, str]) -> Settings:
+    return Settings(database_url=env["RERANK_DATABASE_URL"])
 
 
 @dataclass
@@ -272,7 +290,7 @@ def bench_throughput(requests: int, docs: int, worker_args: list[str]) -> list[R
                 Sampler(lambda: svc.stats()["total"]["in_flight"]) as in_flight,
                 Sampler(lambda: rss_mb(process.pid), every_s=0.5) as rss,
             ):
-                status = wait_job(env, job_id)
+                status = wait_job(database_settings(env), job_id)
             elapsed_s = time.monotonic() - started
             cpu = cpu_s(process.pid) - cpu_before
             rss_end = rss_mb(process.pid)
@@ -417,7 +435,7 @@ def bench_cache(corpus_docs: int, edit_every: int) -> list[Row]:
                 svc.reset()
                 started = time.monotonic()
                 submitted = cli(env, "submit", str(path), "--query", CORPUS_QUERY, "--top-n", "100")
-                status = wait_job(env, submitted.stdout.strip().splitlines()[-1])
+                status = wait_job(database_settings(env), submitted.stdout.strip().splitlines()[-1])
                 elapsed_s = time.monotonic() - started
                 upstream = svc.stats()["total"]
                 figures = {
@@ -437,7 +455,6 @@ POLL_S = 0.01
 # Gap between two interactive submissions, so each one meets a full pipeline.
 GAP_S = 0.5
 INTERACTIVE_DOCUMENTS = 10
-DONE = ("completed", "cancelled", "failed")
 
 
 def use_env(env: dict[str, str]) -> Settings:
@@ -451,17 +468,6 @@ def use_env(env: dict[str, str]) -> Settings:
     if app.conf.broker_url != env["RERANK_REDIS_URL"]:
         raise RuntimeError("the Celery app was created for another broker in this process")
     return get_settings()
-
-
-def wait_until(
-    predicate: Callable[[], Any], timeout_s: float, what: str, every_s: float = POLL_S
-) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(every_s)
-    return value
 
 
 def wait_saturated(svc: Services, timeout_s: float = 120) -> None:
@@ -498,7 +504,7 @@ def first_call_after_ms(settings: Settings, job_id: str, submitted_at: dt.dateti
 
 def time_interactive(settings: Settings, sample: int) -> tuple[float, float]:
     """Submit one one-request interactive job; (ms until completed, ms until its call)."""
-    from worker.service import job_status, submit_job
+    from worker.service import submit_job
 
     submitted_at = utcnow()
     started = time.monotonic()
@@ -506,11 +512,7 @@ def time_interactive(settings: Settings, sample: int) -> tuple[float, float]:
         [interactive_line(sample)], source="bench-interactive", priority="interactive",
         settings=settings,
     )  # fmt: skip
-    status = wait_until(
-        lambda: (s := job_status(job.job_id, settings))["status"] in DONE and s,
-        60,
-        f"interactive job {sample}",
-    )
+    status = wait_job(settings, job.job_id, timeout_s=60, every_s=POLL_S)
     elapsed_ms = (time.monotonic() - started) * 1000
     if status["status"] != "completed" or status["succeeded"] != 1:
         raise RuntimeError(f"interactive job {sample} ended {status}")
