@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import random
@@ -116,11 +117,18 @@ class Services:
         )
         return env
 
+    @functools.cached_property
+    def admin(self) -> httpx.Client:
+        """One client for the stand-in's admin endpoints: samplers poll them ten times a
+        second, and a new client each time (a TLS context and a connection) costs a tenth
+        of a core on a slow machine, beside the worker being measured."""
+        return httpx.Client(base_url=self.standin_url)
+
     def stats(self) -> dict[str, Any]:
-        return dict(httpx.get(f"{self.standin_url}/_standin/stats").json())
+        return dict(self.admin.get("/_standin/stats").json())
 
     def reset(self) -> None:
-        httpx.post(f"{self.standin_url}/_standin/reset")
+        self.admin.post("/_standin/reset")
 
 
 @contextlib.contextmanager
@@ -160,7 +168,8 @@ def services(latency_ms: float = LATENCY_MS) -> Iterator[Services]:
             [sys.executable, "-m", "worker", "db", "upgrade"], env=found.env(), check=True,
             capture_output=True,
         )  # fmt: skip
-        yield found
+        with found.admin:
+            yield found
     finally:
         for process in (standin, redis):
             process.terminate()
@@ -246,16 +255,17 @@ def wait_until(
 def wait_job(
     settings: Settings, job_id: str, timeout_s: float = 900, every_s: float = 0.1
 ) -> dict[str, Any]:
-    """Poll the job's status in SQL from this process (a CLI per poll would eat a core)."""
-    from worker.service import job_status
+    """Poll the job's progress in SQL from this process (a CLI per poll would eat a core),
+    then read its whole status once it ended."""
+    from worker.service import job_progress, job_status
 
-    ended = wait_until(
-        lambda: (status := job_status(job_id, settings))["status"] in DONE and status,
+    wait_until(
+        lambda: job_progress(job_id, settings)["status"] in DONE,
         timeout_s,
         f"job {job_id} to end",
         every_s,
     )
-    return dict(ended)
+    return job_status(job_id, settings)
 
 
 def database_settings(env: dict[str, str]) -> Settings:

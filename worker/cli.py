@@ -34,6 +34,7 @@ err = Console(stderr=True, highlight=False)
 
 EXIT_BAD_INPUT = 2
 ENDED = ("completed", "cancelled", "failed")
+WAIT_POLL_S = 0.2
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -242,7 +243,7 @@ def _wait(job_id: str, timeout_s: float | None, settings: Settings) -> bool:
     from worker import service
 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    info = service.job_status(job_id, settings)
+    info = service.job_progress(job_id, settings)
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -253,6 +254,7 @@ def _wait(job_id: str, timeout_s: float | None, settings: Settings) -> bool:
         transient=False,
     ) as progress:
         bar = progress.add_task(job_id[:12], total=info["total"], failed=0)
+        interval_s = WAIT_POLL_S
         while True:
             done = info["succeeded"] + info["failed"] + info["cancelled"]
             progress.update(bar, completed=done, failed=info["failed"])
@@ -261,8 +263,11 @@ def _wait(job_id: str, timeout_s: float | None, settings: Settings) -> bool:
             if deadline is not None and time.monotonic() > deadline:
                 progress.stop()
                 fail(f"job {job_id} still {info['status']} after {timeout_s:g}s")
-            time.sleep(0.2)
-            info = service.job_status(job_id, settings)
+            time.sleep(interval_s)
+            asked_at = time.monotonic()
+            info = service.job_progress(job_id, settings)
+            # A huge job's counts take a while: keep polling under a tenth of the database.
+            interval_s = max(WAIT_POLL_S, 10 * (time.monotonic() - asked_at))
     err.print(
         f"job {job_id} {info['status']}: {info['succeeded']} succeeded, {info['failed']} failed"
     )

@@ -22,6 +22,7 @@ from redis.retry import Retry as SyncRetry
 from worker import constants, embedded
 from worker.domain import RequestOutcome, RequestWork
 from worker.engine import Reranker
+from worker.event_loop import new_event_loop
 from worker.settings import Settings
 from worker.upstream.client import RerankClient
 from worker.upstream.limits import KeyPool
@@ -71,7 +72,7 @@ class Engine:
         settings.require_keys()
         self._settings = settings
         self._url = redis_url(settings)
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="rerank-engine", daemon=True
         )

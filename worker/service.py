@@ -284,14 +284,17 @@ def _with_cache_hits(session: Session, work: list[RequestWork]) -> list[RequestW
 # ---------------------------------------------------------------- read
 
 
-def job_status(job_id: str, settings: Settings | None = None) -> dict[str, Any]:
+def job_progress(job_id: str, settings: Settings | None = None) -> dict[str, Any]:
+    """The job and its request counts: what a poller needs, without usage's aggregates."""
     with sessions(settings)() as session:
-        job = repository.get_job(session, job_id)
-        if job is None:
-            raise errors.JobNotFound(f"no job with id '{job_id}'")
-        counts = repository.job_counts(session, job_id)
-        rows = repository.usage(session, job_id)
-        savings = repository.cache_savings(session, job_id)
+        return _progress(session, job_id)
+
+
+def _progress(session: Session, job_id: str) -> dict[str, Any]:
+    job = repository.get_job(session, job_id)
+    if job is None:
+        raise errors.JobNotFound(f"no job with id '{job_id}'")
+    counts = repository.job_counts(session, job_id)
     return {
         **job_summary(job),
         "total": counts.total,
@@ -300,9 +303,16 @@ def job_status(job_id: str, settings: Settings | None = None) -> dict[str, Any]:
         "cancelled": counts.cancelled,
         "pending": counts.pending,
         "warnings": repository.job_warnings(job),
-        "usage": usage_totals(rows),
-        "cache": cache_totals(savings),
     }
+
+
+def job_status(job_id: str, settings: Settings | None = None) -> dict[str, Any]:
+    """The job's progress with its usage and score-cache savings so far."""
+    with sessions(settings)() as session:
+        progress = _progress(session, job_id)
+        rows = repository.usage(session, job_id)
+        savings = repository.cache_savings(session, job_id)
+    return {**progress, "usage": usage_totals(rows), "cache": cache_totals(savings)}
 
 
 def job_summary(job: Job) -> dict[str, Any]:

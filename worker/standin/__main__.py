@@ -8,6 +8,7 @@ import os
 import signal
 from pathlib import Path
 
+from worker.event_loop import new_event_loop
 from worker.standin.config import StandinConfig, parse_keys
 from worker.standin.server import StandinServer
 
@@ -21,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
         config = _config(args)
     except ValueError as exc:
         parser.error(str(exc))
-    asyncio.run(_serve(config, args.host, args.port, args.port_file))
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(_serve(config, args.host, args.port, args.port_file))
     return 0
 
 
