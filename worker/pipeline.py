@@ -54,9 +54,11 @@ def outcome_of(
         )
 
 
-def record(session: Session, outcomes: list[RequestOutcome]) -> None:
+def record(session: Session, outcomes: list[RequestOutcome], jobs_still_running: set[str]) -> None:
+    """Write the outcomes; complete the jobs that may have just ended. A job with another
+    request still running in this process has not, and its last outcome checks again."""
     repository.record_outcomes(session, outcomes)
-    for job_id in {o.job_id for o in outcomes}:
+    for job_id in {o.job_id for o in outcomes} - jobs_still_running:
         repository.complete_job_if_done(session, job_id)
 
 
@@ -157,7 +159,10 @@ class Pipeline:
             carried = []
             if batch:
                 try:
-                    in_transaction(self._url, functools.partial(record, outcomes=batch))
+                    write = functools.partial(
+                        record, outcomes=batch, jobs_still_running=self._jobs_beside(batch)
+                    )
+                    in_transaction(self._url, write)
                 except SQLAlchemyError:
                     # The database is away longer than the retries: keep them, try again.
                     log.exception("action=record_failed requests=%d", len(batch))
@@ -170,6 +175,12 @@ class Pipeline:
             if time.monotonic() - renewed_at > self._lease_s / 3:
                 renewed_at = time.monotonic()
                 self._renew_leases()
+
+    def _jobs_beside(self, batch: list[RequestOutcome]) -> set[str]:
+        """The jobs of this process's running requests other than the batch's."""
+        in_batch = {o.request_id for o in batch}
+        with self._room:
+            return {w.job_id for w in self._running.values() if w.request_id not in in_batch}
 
     def _renew_leases(self) -> None:
         with self._room:

@@ -194,6 +194,112 @@ def test_a_slot_is_released_when_the_block_raises(redis_url: str) -> None:
     run(main)
 
 
+class CountingPool(KeyPool):
+    """A KeyPool that counts its slot-script attempts and its own lease releases (ZREM)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.attempts = 0
+        self.releases = 0
+        zrem = self._redis.zrem
+
+        async def counted_zrem(name: str, *values: Any) -> Any:
+            if name.startswith(constants.REDIS_PREFIX + "slots:"):
+                self.releases += 1
+            return await zrem(name, *values)
+
+        self._redis.zrem = counted_zrem  # type: ignore[method-assign]
+
+    async def _try_acquire(self, token: str, job_id: str | None) -> tuple[str, str]:
+        self.attempts += 1
+        return await super()._try_acquire(token, job_id)
+
+
+def test_a_lease_handed_to_a_waiting_taker_is_released_by_its_attempt(redis_url: str) -> None:
+    """One round trip per call while busy: the ending lease rides on the next attempt."""
+
+    async def main() -> None:
+        async with connect(redis_url) as client:
+            pool = CountingPool(client, api_keys(alpha=1), lease_s=LEASE_S)
+            first_done, second_got = asyncio.Event(), asyncio.Event()
+
+            async def first() -> None:
+                async with pool.slot():
+                    await first_done.wait()
+
+            async def second() -> None:
+                async with pool.slot():
+                    second_got.set()
+                    await asyncio.sleep(0)
+
+            holder = asyncio.create_task(first())
+            while await pool.in_use(ALPHA) == 0:
+                await asyncio.sleep(0.005)
+            waiter = asyncio.create_task(second())
+            while not pool._local.waiting(interactive=False):
+                await asyncio.sleep(0.005)
+            first_done.set()
+            await second_got.wait()
+            # The first lease went with the second's only attempt, not with a ZREM of its own.
+            assert (pool.attempts, pool.releases) == (2, 0)
+            assert await pool.in_use(ALPHA) == 1
+            await asyncio.gather(holder, waiter)
+            # No one waits any more: the last lease is released at once, by itself.
+            assert pool.releases == 1
+            assert await pool.in_use(ALPHA) == 0
+
+    run(main)
+
+
+def test_a_lease_handed_to_a_taker_cancelled_meanwhile_is_still_released(redis_url: str) -> None:
+    async def main() -> None:
+        async with connect(redis_url) as client:
+            pool = CountingPool(client, api_keys(alpha=1), lease_s=LEASE_S)
+            first_done = asyncio.Event()
+
+            async def first() -> None:
+                async with pool.slot():
+                    await first_done.wait()
+
+            async def second() -> None:
+                async with pool.slot():
+                    raise AssertionError("a cancelled taker got a slot")
+
+            holder = asyncio.create_task(first())
+            while await pool.in_use(ALPHA) == 0:
+                await asyncio.sleep(0.005)
+            waiter = asyncio.create_task(second())
+            while not pool._local.waiting(interactive=False):
+                await asyncio.sleep(0.005)
+            # The holder ends while the waiter is still queued, then the waiter is cancelled
+            # before it can make its attempt: the ended lease must not wait for its expiry.
+            first_done.set()
+            waiter.cancel()
+            await holder
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            deadline = time.monotonic() + 2
+            while await pool.in_use(ALPHA) and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            assert await pool.in_use(ALPHA) == 0
+            assert pool.releases == 1
+
+    run(main)
+
+
+def test_flush_releases_ended_leases_before_a_process_stops(redis_url: str) -> None:
+    async def main() -> None:
+        async with connect(redis_url) as client:
+            pool = KeyPool(client, api_keys(alpha=2), lease_s=LEASE_S)
+            token = "ended-elsewhere"
+            assert await pool._try_acquire(token, None) == ("ok", ALPHA)
+            pool._ended.append((ALPHA, token))  # as a lease handed to a taker that never ran
+            await pool.flush()
+            assert await pool.in_use(ALPHA) == 0
+
+    run(main)
+
+
 # --- (c) pauses ----------------------------------------------------------------------------
 
 

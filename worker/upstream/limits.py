@@ -13,6 +13,10 @@ starts a quarantine of one lease length (no new slot for anyone, after which eve
 forgotten lease would have expired) and puts back the leases it still holds itself.
 Redis outages are waited out; a lease that cannot be released expires by itself.
 
+A lease that ends while another taker of this process waits is not released on its own:
+its removal rides on that taker's next attempt, so a busy process makes one round trip per
+call instead of two. Leases only ever go later than they would, never earlier.
+
 Interactive takers go first. In a process, a priority semaphore serves them before any
 waiting bulk taker. Across processes and hosts, an interactive taker that is told to wait
 registers in a sorted set (member: its token, score: an expiry a moment ahead, refreshed on
@@ -49,7 +53,13 @@ local cancel_key = ARGV[4]
 local seen_epoch = ARGV[5]
 local interactive = ARGV[6] == '1'
 local gate_ms = tonumber(ARGV[7])
+local releases = tonumber(ARGV[8])
+local first_key = 9 + 2 * releases
 local gate = prefix .. 'interactive-waiting'
+-- Leases this process ended since its last attempt: (key name, token) pairs.
+for i = 9, first_key - 1, 2 do
+  redis.call('ZREM', prefix .. 'slots:' .. ARGV[i], ARGV[i + 1])
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local epoch = redis.call('GET', prefix .. 'epoch')
@@ -79,7 +89,7 @@ local quarantine_ms = redis.call('PTTL', prefix .. 'quarantine')
 if quarantine_ms > 0 then return answer('wait', tostring(quarantine_ms)) end
 local best, best_free, total_free = nil, 0, 0
 local usable, wait_ms = 0, -1
-for i = 8, #ARGV, 2 do
+for i = first_key, #ARGV, 2 do
   local name = ARGV[i]
   local limit = tonumber(ARGV[i + 1])
   if redis.call('EXISTS', prefix .. 'revoked:' .. name) == 0 then
@@ -209,6 +219,9 @@ class KeyPool:
         self._key_args = [x for k in keys for x in (k.name, str(k.max_concurrency))]
         self._restore = redis.register_script(RESTORE_LUA)
         self._held: dict[str, str] = {}
+        # Ended leases (key name, token) that the next attempt of this process releases.
+        self._ended: list[tuple[str, str]] = []
+        self._releasing: set[asyncio.Task[None]] = set()
         self._epoch: str | None = None
         self._gate_ms = int(constants.INTERACTIVE_GATE_S * 1000)
 
@@ -226,18 +239,25 @@ class KeyPool:
         return await self._attempt(token, job_id, interactive=True)
 
     async def _attempt(self, token: str, job_id: str | None, interactive: bool) -> tuple[str, str]:
-        outcome, value, epoch = await self._acquire(
-            args=[
-                self._prefix,
-                self._lease_ms,
-                token,
-                self._cancel_key(job_id),
-                self._epoch or "",
-                "1" if interactive else "0",
-                self._gate_ms,
-                *self._key_args,
-            ]
-        )
+        ended, self._ended = self._ended, []
+        try:
+            outcome, value, epoch = await self._acquire(
+                args=[
+                    self._prefix,
+                    self._lease_ms,
+                    token,
+                    self._cancel_key(job_id),
+                    self._epoch or "",
+                    "1" if interactive else "0",
+                    self._gate_ms,
+                    len(ended),
+                    *(x for pair in ended for x in pair),
+                    *self._key_args,
+                ]
+            )
+        except BaseException:
+            self._ended += ended  # not sent: the next attempt, or the flush, releases them
+            raise
         epoch = _text(epoch)
         if epoch != self._epoch:
             if self._epoch is not None:
@@ -262,17 +282,45 @@ class KeyPool:
         or in another process.
         """
         interactive = priority == constants.QUEUE_INTERACTIVE
-        async with self._local.hold(interactive):
+        await self._local.acquire(interactive)
+        try:
             lease = await self._wait_for_slot(job_id, interactive)
             self._held[lease.token] = lease.key.name
             try:
                 yield lease
             finally:
                 del self._held[lease.token]
-                try:
-                    await self._redis.zrem(self._prefix + f"slots:{lease.key.name}", lease.token)
-                except REDIS_DOWN_ERRORS:
-                    log.warning("action=slot_release_failed key=%s", lease.key.name)
+                if self._local.waiting(True) or self._local.waiting(False):
+                    self._ended.append((lease.key.name, lease.token))
+                else:
+                    await self._release([(lease.key.name, lease.token)])
+        finally:
+            self._local.release()
+            if self._ended:
+                # Runs after the taker just woken has made its attempt (callbacks run in
+                # order): releases whatever that attempt did not take, if it was cancelled.
+                asyncio.get_running_loop().call_soon(self._flush_ended)
+
+    async def _release(self, leases: Sequence[tuple[str, str]]) -> None:
+        for key_name, token in leases:
+            try:
+                await self._redis.zrem(self._prefix + f"slots:{key_name}", token)
+            except REDIS_DOWN_ERRORS:
+                log.warning("action=slot_release_failed key=%s", key_name)
+
+    def _flush_ended(self) -> None:
+        if not self._ended:
+            return
+        ended, self._ended = self._ended, []
+        task = asyncio.get_running_loop().create_task(self._release(ended))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def flush(self) -> None:
+        """Release every ended lease now (before the process stops)."""
+        self._flush_ended()
+        if self._releasing:
+            await asyncio.gather(*self._releasing)
 
     async def _wait_for_slot(self, job_id: str | None, interactive: bool) -> Lease:
         token = uuid.uuid4().hex
