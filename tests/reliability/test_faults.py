@@ -206,6 +206,7 @@ class SlotLedger:
     def __init__(self) -> None:
         self.held = 0
         self.peak = 0
+        self.ended_at: list[float] = []  # loop times at which holds began to end
 
     @asynccontextmanager
     async def hold(self, pool: KeyPool) -> AsyncIterator[float]:
@@ -217,6 +218,7 @@ class SlotLedger:
                 yield asyncio.get_running_loop().time()
             finally:
                 self.held -= 1
+                self.ended_at.append(asyncio.get_running_loop().time())
 
 
 class ObservedPool(KeyPool):
@@ -282,7 +284,9 @@ async def second_pool_waits_for_the_holder(
             if remaining > 0:
                 with suppress(TimeoutError):
                     await asyncio.wait_for(got_slot.wait(), remaining)
-        released = loop.time()
+            ended_before = len(ledger.ended_at)
+        # A's first slot to go frees one: B may take it while A releases its other one.
+        released = ledger.ended_at[ended_before]
         granted = await asyncio.wait_for(b_task, POOL_LEASE_S + 10)
         redis_count = await b.in_use("alpha")
         return {
