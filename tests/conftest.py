@@ -144,9 +144,10 @@ class Env:
         )
 
     def start_worker(
-        self, concurrency: int = 6, name: str | None = None
+        self, concurrency: int = 6, name: str | None = None, processes: int = 1
     ) -> subprocess.Popen[bytes]:
-        """A real `rerank-worker worker` in its own process group; returns once it is ready."""
+        """A real `rerank-worker worker` in its own process group; returns once it (each of
+        its processes) is ready."""
         name = name or f"w{len(self.workers)}"
         log_path = self.tmp_path / f"worker-{name}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("RERANK_")}
@@ -154,7 +155,7 @@ class Env:
         with log_path.open("wb") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "worker", "worker", "--concurrency", str(concurrency),
-                 "--hostname", f"{name}@%h", "--loglevel", "INFO"],
+                 "--hostname", f"{name}@%h", "--loglevel", "INFO", "--processes", str(processes)],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -164,7 +165,9 @@ class Env:
         self.workers.append(process)
         self.logs.append(log_path)
         wait_for(
-            lambda: b" ready." in log_path.read_bytes() or process.poll() is not None,
+            lambda: (
+                log_path.read_bytes().count(b" ready.") >= processes or process.poll() is not None
+            ),
             60,
             f"worker {name} to be ready",
         )

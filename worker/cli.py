@@ -84,18 +84,36 @@ def db_upgrade(revision: str = "head") -> None:
 @app.command()
 def worker(
     concurrency: Annotated[
-        int | None, typer.Option("--concurrency", "-c", help="Tasks run at once (threads).")
+        int | None,
+        typer.Option("--concurrency", "-c", help="Tasks run at once (threads), per process."),
     ] = None,
     queues: Annotated[str, typer.Option("--queues", "-Q")] = ",".join(constants.PRIORITIES),
     loglevel: Annotated[
         str | None, typer.Option("--loglevel", "-l", help="Default: RERANK_LOG_LEVEL.")
     ] = None,
     hostname: Annotated[str | None, typer.Option("--hostname", "-n")] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            "--processes",
+            min=1,
+            help="Worker processes, each with a share of the slots. Default: one per "
+            f"{constants.SLOTS_PER_PROCESS} slots, at most one per CPU core.",
+        ),
+    ] = None,
 ) -> None:
     """Run a Celery worker (same as `celery -A worker.celery_app worker`)."""
     with _errors():
         settings = _settings()
         settings.require_keys()
+        from worker import processes as worker_processes
+
+        count = processes or worker_processes.default_processes(settings)
+        if count > 1:
+            passed = [f"--queues={queues}", f"--loglevel={loglevel or settings.log_level}"]
+            if concurrency:
+                passed.append(f"--concurrency={concurrency}")
+            raise typer.Exit(worker_processes.run(count, settings, hostname, passed))
         from worker.celery_app import app as celery_app
 
         argv = [

@@ -44,6 +44,9 @@ PRIORITIES = (QUEUE_INTERACTIVE, QUEUE_BULK)
 REQUESTS_PER_TASK = {QUEUE_INTERACTIVE: 1, QUEUE_BULK: 32}
 # The recorder writes the requests that finished in this interval in one transaction.
 RECORD_INTERVAL_S = 0.05
+# `rerank-worker worker` runs one process per this many slots (at most one per CPU core):
+# one event loop sharing its GIL with claims and writes keeps about this many calls busy.
+SLOTS_PER_PROCESS = 16
 # Requests a worker process holds at once (claimed, waiting for a slot or in flight).
 BACKLOG_PER_SLOT = 3
 MIN_BACKLOG = 32

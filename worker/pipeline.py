@@ -225,7 +225,8 @@ def get_pipeline(settings: Settings) -> Pipeline:
     global _pipeline
     with _lock:
         if _pipeline is None or _pipeline[0] != os.getpid():
-            backlog = max(constants.MIN_BACKLOG, constants.BACKLOG_PER_SLOT * settings.total_slots)
+            slots = settings.slots_per_process
+            backlog = max(constants.MIN_BACKLOG, constants.BACKLOG_PER_SLOT * slots)
             queued = None
             if _interactive_threads is not None:
                 queued = functools.partial(interactive_queued, sync_redis(redis_url(settings)))

@@ -85,7 +85,12 @@ class Engine:
         self._client = RerankClient(
             settings.api_base, timeout_s=settings.call_timeout_s, keys=settings.keys
         )
-        self.pool = KeyPool(self._redis, settings.keys, lease_s=lease_s(settings))
+        self.pool = KeyPool(
+            self._redis,
+            settings.keys,
+            lease_s=lease_s(settings),
+            local_slots=settings.slots_per_process,
+        )
         policy = RetryPolicy(
             max_attempts=settings.max_attempts,
             base_s=settings.backoff_base_s,

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(constants.SWEEP_INTERVAL_S, gt=0)
     dispatch_stale_s: float = Field(constants.DISPATCH_STALE_S, gt=0)
     log_level: str = "INFO"
+    # Most slots one worker process takes at once (default: every key's). A worker that
+    # runs several processes gives each a share, so they do not poll for one another's.
+    process_slots: int | None = Field(None, ge=1)
 
     @field_validator("api_base")
     @classmethod
@@ -87,6 +90,10 @@ class Settings(BaseSettings):
     def total_slots(self) -> int:
         return sum(k.max_concurrency for k in self.keys)
 
+    @property
+    def slots_per_process(self) -> int:
+        return min(self.total_slots, self.process_slots or self.total_slots)
+
     def resolved_data_dir(self) -> Path:
         return self.data_dir.expanduser().resolve()
 
@@ -96,9 +103,9 @@ class Settings(BaseSettings):
         return f"sqlite:///{self.resolved_data_dir() / 'rerank.db'}"
 
     def default_worker_concurrency(self) -> int:
-        """Threads per worker: enough batches in flight to fill every slot twice over."""
+        """Threads per worker process: enough batches in flight to fill its slots twice over."""
         per_task = constants.REQUESTS_PER_TASK[constants.QUEUE_BULK]
-        return max(4, 2 * math.ceil(self.total_slots / per_task))
+        return max(4, 2 * math.ceil(self.slots_per_process / per_task))
 
     def require_keys(self) -> None:
         """Fail early, and helpfully, when the real API is configured without a key."""

@@ -194,6 +194,32 @@ def test_a_slot_is_released_when_the_block_raises(redis_url: str) -> None:
     run(main)
 
 
+def test_a_process_takes_no_more_than_its_share_of_the_slots(redis_url: str) -> None:
+    """One of several processes of a worker waits for its own slots, not for Redis."""
+
+    async def main() -> None:
+        async with connect(redis_url) as client:
+            pool = ObservedPool(client, api_keys(alpha=2, beta=2), lease_s=LEASE_S, local_slots=1)
+
+            async def in_use() -> int:
+                return await pool.in_use(ALPHA) + await pool.in_use(BETA)
+
+            async def second() -> int:
+                async with pool.slot():
+                    return await in_use()
+
+            async with pool.slot():
+                waiter = asyncio.create_task(second())
+                while not pool._local.waiting(interactive=False):
+                    await asyncio.sleep(0.005)
+                assert await in_use() == 1  # three slots free in Redis, and yet it waits
+                assert not pool.waited.is_set()  # ... without asking Redis
+            assert await waiter == 1
+            assert await in_use() == 0
+
+    run(main)
+
+
 class CountingPool(KeyPool):
     """A KeyPool that counts its slot-script attempts and its own lease releases (ZREM)."""
 

@@ -205,6 +205,7 @@ class KeyPool:
         *,
         lease_s: float,
         prefix: str = constants.REDIS_PREFIX,
+        local_slots: int | None = None,
     ) -> None:
         if not keys:
             raise errors.ConfigError("no API keys configured")
@@ -214,8 +215,9 @@ class KeyPool:
         self._prefix = prefix
         self._acquire = redis.register_script(ACQUIRE_LUA)
         self._pause = redis.register_script(PAUSE_LUA)
-        # A process never holds more than every key's slots; waiting here costs no Redis calls.
-        self._local = PrioritySemaphore(sum(k.max_concurrency for k in keys))
+        # A process never holds more than every key's slots (or its share of them, when it is
+        # one of several of a worker); waiting here costs no Redis calls.
+        self._local = PrioritySemaphore(local_slots or sum(k.max_concurrency for k in keys))
         self._key_args = [x for k in keys for x in (k.name, str(k.max_concurrency))]
         self._restore = redis.register_script(RESTORE_LUA)
         self._held: dict[str, str] = {}
