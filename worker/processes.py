@@ -38,9 +38,16 @@ FORWARDED = {
 
 
 def default_processes(settings: Settings) -> int:
-    """One process per `SLOTS_PER_PROCESS` slots, at most one per CPU core."""
+    """One process per `SLOTS_PER_PROCESS` slots, at most one per CPU core it may run on."""
     wanted = math.ceil(settings.total_slots / constants.SLOTS_PER_PROCESS)
-    return max(1, min(wanted, os.cpu_count() or 1))
+    return max(1, min(wanted, usable_cpus()))
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (a container's cpuset), else every core."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def node_name(hostname: str | None, index: int) -> str:
