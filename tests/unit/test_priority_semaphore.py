@@ -156,14 +156,3 @@ def test_a_cancelled_waiter_that_a_release_already_skipped_leaves_no_trace() -> 
         assert takers.order == []
 
     run(main)
-
-
-def test_hold_releases_when_the_block_raises() -> None:
-    async def main() -> None:
-        semaphore = PrioritySemaphore(1)
-        with pytest.raises(RuntimeError):
-            async with semaphore.hold(interactive=True):
-                raise RuntimeError("the call failed")
-        await asyncio.wait_for(semaphore.acquire(interactive=False), 1)
-
-    run(main)

@@ -186,14 +186,6 @@ class PrioritySemaphore:
                     return
         self._free += 1
 
-    @asynccontextmanager
-    async def hold(self, interactive: bool) -> AsyncIterator[None]:
-        await self.acquire(interactive)
-        try:
-            yield
-        finally:
-            self.release()
-
 
 class KeyPool:
     """The configured keys and their shared state in Redis."""
