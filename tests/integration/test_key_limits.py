@@ -241,29 +241,40 @@ class CountingPool(KeyPool):
         return await super()._try_acquire(token, job_id)
 
 
+async def hold_with_one_queued(
+    pool: KeyPool, taker: Callable[[], Awaitable[None]]
+) -> tuple[asyncio.Event, asyncio.Task[None], asyncio.Task[None]]:
+    """A holder on the pool's only slot (until the event is set), and `taker` queued in the
+    process behind it; returns the event and both tasks once the taker waits."""
+    done = asyncio.Event()
+
+    async def hold() -> None:
+        async with pool.slot():
+            await done.wait()
+
+    holder = asyncio.create_task(hold())
+    while await pool.in_use(ALPHA) == 0:
+        await asyncio.sleep(0.005)
+    waiter = asyncio.create_task(taker())
+    while not pool._local.waiting(interactive=False):
+        await asyncio.sleep(0.005)
+    return done, holder, waiter
+
+
 def test_a_lease_handed_to_a_waiting_taker_is_released_by_its_attempt(redis_url: str) -> None:
     """One round trip per call while busy: the ending lease rides on the next attempt."""
 
     async def main() -> None:
         async with connect(redis_url) as client:
             pool = CountingPool(client, api_keys(alpha=1), lease_s=LEASE_S)
-            first_done, second_got = asyncio.Event(), asyncio.Event()
-
-            async def first() -> None:
-                async with pool.slot():
-                    await first_done.wait()
+            second_got = asyncio.Event()
 
             async def second() -> None:
                 async with pool.slot():
                     second_got.set()
                     await asyncio.sleep(0)
 
-            holder = asyncio.create_task(first())
-            while await pool.in_use(ALPHA) == 0:
-                await asyncio.sleep(0.005)
-            waiter = asyncio.create_task(second())
-            while not pool._local.waiting(interactive=False):
-                await asyncio.sleep(0.005)
+            first_done, holder, waiter = await hold_with_one_queued(pool, second)
             first_done.set()
             await second_got.wait()
             # The first lease went with the second's only attempt, not with a ZREM of its own.
@@ -281,22 +292,12 @@ def test_a_lease_handed_to_a_taker_cancelled_meanwhile_is_still_released(redis_u
     async def main() -> None:
         async with connect(redis_url) as client:
             pool = CountingPool(client, api_keys(alpha=1), lease_s=LEASE_S)
-            first_done = asyncio.Event()
-
-            async def first() -> None:
-                async with pool.slot():
-                    await first_done.wait()
 
             async def second() -> None:
                 async with pool.slot():
                     raise AssertionError("a cancelled taker got a slot")
 
-            holder = asyncio.create_task(first())
-            while await pool.in_use(ALPHA) == 0:
-                await asyncio.sleep(0.005)
-            waiter = asyncio.create_task(second())
-            while not pool._local.waiting(interactive=False):
-                await asyncio.sleep(0.005)
+            first_done, holder, waiter = await hold_with_one_queued(pool, second)
             # The holder ends while the waiter is still queued, then the waiter is cancelled
             # before it can make its attempt: the ended lease must not wait for its expiry.
             first_done.set()
