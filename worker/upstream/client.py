@@ -19,6 +19,7 @@ import httpx
 from worker import errors
 from worker.settings import ApiKey
 from worker.upstream import retry
+from worker.upstream.network import UpstreamTransport
 
 # 302.AI's error codes (CONTRACT.md): retried, key taken out of use, or request failed.
 RETRIED_CODES = frozenset({-10003, -10008, -1024})
@@ -143,7 +144,9 @@ class RerankClient:
 
     Calls go straight to the transport (httpx's `handle_async_request`). The AsyncClient
     layer above it (cookies, auth flows, redirects, event hooks) does nothing for one POST
-    with fixed headers, and cost a quarter of httpx's CPU per call.
+    with fixed headers, and cost a quarter of httpx's CPU per call. The transport is
+    `UpstreamTransport`, whose sockets are asyncio's own rather than anyio's (see
+    `worker.upstream.network`).
     """
 
     def __init__(
@@ -170,9 +173,7 @@ class RerankClient:
         pool = self._pools.get(key.name)
         if pool is None:
             size = key.max_concurrency + self._spare_connections
-            transport = self._shared_transport or httpx.AsyncHTTPTransport(
-                limits=httpx.Limits(max_connections=size, max_keepalive_connections=size)
-            )
+            transport = self._shared_transport or UpstreamTransport(max_connections=size)
             headers = [
                 ("accept", "application/json"),
                 ("content-type", "application/json"),
