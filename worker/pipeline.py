@@ -14,7 +14,6 @@ return, and the Celery consumer (interactive queue first) takes that message nex
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import logging
 import os
@@ -29,29 +28,12 @@ from sqlalchemy.orm import Session
 
 from worker import constants
 from worker.db import repository
-from worker.db.models import RequestStatus
 from worker.db.session import in_transaction
 from worker.domain import RequestOutcome, RequestWork
 from worker.runtime import Engine, redis_url, sync_redis
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def outcome_of(
-    future: concurrent.futures.Future[RequestOutcome], work: RequestWork
-) -> RequestOutcome:
-    try:
-        return future.result()
-    except Exception as exc:  # a bug must still end the request, never leave it stuck
-        log.exception("action=request_crashed request=%s", work.request_id)
-        return RequestOutcome(
-            request_id=work.request_id,
-            job_id=work.job_id,
-            status=RequestStatus.FAILED,
-            error_type="internal_error",
-            error_message=f"{type(exc).__name__}: {exc}",
-        )
 
 
 def record(session: Session, outcomes: list[RequestOutcome], jobs_still_running: set[str]) -> None:
@@ -100,9 +82,7 @@ class Pipeline:
         in this process; an interactive task returns at once."""
         with self._room:
             self._running.update((w.request_id, w) for w in work)
-        for item in work:
-            future = self._engine.submit(item)
-            future.add_done_callback(functools.partial(self._finished, item))
+        self._engine.start(work, self._finished)
         if any(w.priority != constants.QUEUE_INTERACTIVE for w in work):
             self._wait_for_room()
 
@@ -128,11 +108,9 @@ class Pipeline:
                         self._make_way = True
                         self._room.notify_all()
 
-    def _finished(
-        self, work: RequestWork, future: concurrent.futures.Future[RequestOutcome]
-    ) -> None:
+    def _finished(self, work: RequestWork, outcome: RequestOutcome) -> None:
         urgent = work.priority == constants.QUEUE_INTERACTIVE
-        self._outcomes.put((outcome_of(future, work), urgent))
+        self._outcomes.put((outcome, urgent))
 
     def _next_batch(self) -> list[RequestOutcome]:
         """What finished in the last interval (waits for the first at most that long); an

@@ -7,10 +7,10 @@ pooled HTTP client and one Redis connection pool, and tasks hand it requests.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
+import logging
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import redis
@@ -20,6 +20,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry as SyncRetry
 
 from worker import constants, embedded
+from worker.db.models import RequestStatus
 from worker.domain import RequestOutcome, RequestWork
 from worker.engine import Reranker
 from worker.event_loop import new_event_loop
@@ -28,6 +29,7 @@ from worker.upstream.client import RerankClient
 from worker.upstream.limits import KeyPool
 from worker.upstream.retry import RetryPolicy
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 REDIS_COMMAND_RETRIES = 3
 
@@ -76,6 +78,7 @@ class Engine:
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="rerank-engine", daemon=True
         )
+        self._running: set[asyncio.Task[RequestOutcome]] = set()
         self._thread.start()
         self.reranker: Reranker = self._call(self._build())
 
@@ -103,8 +106,41 @@ class Engine:
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def submit(self, work: RequestWork) -> concurrent.futures.Future[RequestOutcome]:
-        return asyncio.run_coroutine_threadsafe(self.reranker.run(work), self._loop)
+    def start(
+        self, work: Sequence[RequestWork], on_done: Callable[[RequestWork, RequestOutcome], None]
+    ) -> None:
+        """Start the requests with one wake-up of the loop for them all; `on_done` gets each
+        request and its outcome on the loop's thread. A bug in a request still ends it, as a
+        failed outcome."""
+        self._loop.call_soon_threadsafe(self._start, work, on_done)
+
+    def _start(
+        self, work: Sequence[RequestWork], on_done: Callable[[RequestWork, RequestOutcome], None]
+    ) -> None:
+        for item in work:
+            task = self._loop.create_task(self.reranker.run(item))
+            self._running.add(task)  # the loop itself keeps only a weak reference
+            task.add_done_callback(functools.partial(self._finished, item, on_done))
+
+    def _finished(
+        self,
+        work: RequestWork,
+        on_done: Callable[[RequestWork, RequestOutcome], None],
+        task: asyncio.Task[RequestOutcome],
+    ) -> None:
+        self._running.discard(task)
+        try:
+            outcome = task.result()
+        except (Exception, asyncio.CancelledError) as exc:
+            log.exception("action=request_crashed request=%s", work.request_id)
+            outcome = RequestOutcome(
+                request_id=work.request_id,
+                job_id=work.job_id,
+                status=RequestStatus.FAILED,
+                error_type="internal_error",
+                error_message=f"{type(exc).__name__}: {exc}",
+            )
+        on_done(work, outcome)
 
     def close(self) -> None:
         async def _close() -> None:

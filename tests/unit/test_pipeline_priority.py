@@ -8,7 +8,6 @@ outcomes to a real (empty) SQLite database.
 
 from __future__ import annotations
 
-import concurrent.futures
 import itertools
 import threading
 from collections.abc import Callable, Iterator
@@ -31,25 +30,24 @@ class HeldEngine:
     """Accepts requests and finishes them only when told to."""
 
     def __init__(self) -> None:
-        self.futures: dict[int, concurrent.futures.Future[RequestOutcome]] = {}
+        self.started: dict[int, tuple[RequestWork, Callable[[RequestWork, RequestOutcome], None]]]
+        self.started = {}
+        self.finished: set[int] = set()
 
-    def submit(self, work: RequestWork) -> concurrent.futures.Future[RequestOutcome]:
-        future: concurrent.futures.Future[RequestOutcome] = concurrent.futures.Future()
-        self.futures[work.request_id] = future
-        return future
+    def start(
+        self, work: list[RequestWork], on_done: Callable[[RequestWork, RequestOutcome], None]
+    ) -> None:
+        self.started.update((w.request_id, (w, on_done)) for w in work)
 
-    def finish(self, *works: RequestWork) -> None:
+    def finish(self, *works: RequestWork, status: str = "succeeded") -> None:
         for work in works:
-            self.futures[work.request_id].set_result(
-                RequestOutcome(request_id=work.request_id, job_id=work.job_id, status="succeeded")
-            )
+            if work.request_id not in self.finished:
+                self.finished.add(work.request_id)
+                _, on_done = self.started[work.request_id]
+                on_done(work, RequestOutcome(work.request_id, work.job_id, status=status))
 
     def finish_all(self) -> None:
-        for request_id, future in self.futures.items():
-            if not future.done():
-                future.set_result(
-                    RequestOutcome(request_id=request_id, job_id="j", status="failed")
-                )
+        self.finish(*(w for w, _ in self.started.values()), status="failed")
 
     def close(self) -> None:
         pass
@@ -105,7 +103,7 @@ def test_an_interactive_task_returns_at_once_while_a_bulk_one_waits_for_room(
     pipeline, engine = make_pipeline(max_backlog=2)
     bulk = [work(constants.QUEUE_BULK), work(constants.QUEUE_BULK)]
     bulk_task = Task(pipeline, bulk)
-    wait_for(lambda: len(engine.futures) == 2, 10, "the bulk requests to be submitted")
+    wait_for(lambda: len(engine.started) == 2, 10, "the bulk requests to be submitted")
 
     interactive = work(constants.QUEUE_INTERACTIVE)
     interactive_task = Task(pipeline, [interactive])
