@@ -296,8 +296,24 @@ def renew_leases(session: Session, ids: Sequence[int], *, lease_s: float) -> Non
     )
 
 
+# One row per upstream attempt, in the order record_outcomes builds them.
+UPSTREAM_CALL_COLUMNS = (
+    "job_id",
+    "request_id",
+    "key_name",
+    "model",
+    "status_code",
+    "outcome",
+    "documents",
+    "total_tokens",
+    "latency_ms",
+    "created_at",
+)
+
+
 def record_outcomes(session: Session, outcomes: Sequence[RequestOutcome]) -> None:
-    """Write finished requests in one round of statements; every upstream attempt is logged.
+    """Write finished requests in one round of statements; every upstream attempt is logged
+    (by COPY on PostgreSQL: psycopg adapts executemany parameters one at a time in Python).
 
     Results apply only while a request is still running, so a run that lost its lease to
     another worker cannot overwrite or duplicate them; the tokens billed for every run are
@@ -305,23 +321,26 @@ def record_outcomes(session: Session, outcomes: Sequence[RequestOutcome]) -> Non
     """
     conn = session.connection()
     calls = [
-        {
-            "job_id": o.job_id,
-            "request_id": o.request_id,
-            "key_name": c.key_name,
-            "model": c.model,
-            "status_code": c.status_code,
-            "outcome": c.outcome,
-            "documents": c.documents,
-            "total_tokens": c.total_tokens,
-            "latency_ms": c.latency_ms,
-            "created_at": c.created_at,
-        }
+        (
+            o.job_id,
+            o.request_id,
+            c.key_name,
+            c.model,
+            c.status_code,
+            c.outcome,
+            c.documents,
+            c.total_tokens,
+            c.latency_ms,
+            c.created_at,
+        )
         for o in outcomes
         for c in o.calls
     ]
-    if calls:
-        conn.execute(insert(UPSTREAM_CALL_TABLE), calls)
+    if calls and session.get_bind().dialect.name == "postgresql":
+        _copy(session, "upstream_call", UPSTREAM_CALL_COLUMNS, calls)
+    elif calls:
+        rows = [dict(zip(UPSTREAM_CALL_COLUMNS, call, strict=True)) for call in calls]
+        conn.execute(insert(UPSTREAM_CALL_TABLE), rows)
     store_scores(session, [entry for o in outcomes for entry in o.new_scores])
     table = REQUEST_TABLE
     billed = [
