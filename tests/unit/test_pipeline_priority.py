@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 from conftest import wait_for
+from sqlalchemy.orm import Session
 
 from worker import constants
+from worker import pipeline as pipeline_module
 from worker.db import migrate
 from worker.domain import RequestOutcome, RequestWork
 from worker.pipeline import Pipeline
@@ -141,3 +143,35 @@ def test_when_every_task_thread_waits_for_room_one_makes_way_for_a_queued_intera
     queued.set()
     wait_for(lambda: not (first.is_alive() and second.is_alive()), 10, "one to make way")
     assert first.is_alive() != second.is_alive(), "both made way for one message"
+
+
+def test_outcomes_wait_for_the_interval_but_an_interactive_one_is_written_at_once(
+    make_pipeline: Callable[..., tuple[Pipeline, HeldEngine]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(constants, "RECORD_INTERVAL_S", 30.0)
+    batches: list[list[int]] = []
+    real_record = pipeline_module.record
+
+    def record(session: Session, outcomes: list[RequestOutcome], **kwargs: Any) -> None:
+        batches.append([o.request_id for o in outcomes])
+        real_record(session, outcomes, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "record", record)
+    pipeline, engine = make_pipeline(max_backlog=10)
+    first, second = work(constants.QUEUE_BULK), work(constants.QUEUE_BULK)
+    pipeline.run([first, second])
+    engine.finish(first, second)
+    assert batches == [], "bulk outcomes were written before their interval was over"
+
+    interactive = work(constants.QUEUE_INTERACTIVE)
+    pipeline.run([interactive])
+    engine.finish(interactive)
+    wait_for(lambda: batches, 5, "the interactive outcome to be written")
+    assert batches == [[first.request_id, second.request_id, interactive.request_id]]
+
+    # The recorder now waits up to 30 s for the next outcome: give it one, so the fixture's
+    # close does not wait that long.
+    monkeypatch.setattr(constants, "RECORD_INTERVAL_S", 0.05)
+    last = work(constants.QUEUE_INTERACTIVE)
+    pipeline.run([last])
+    engine.finish(last)
