@@ -18,9 +18,12 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry as SyncRetry
+from sqlalchemy.exc import SQLAlchemyError
 
 from worker import constants, embedded
+from worker.db import repository
 from worker.db.models import RequestStatus
+from worker.db.session import get_sessionmaker, in_transaction
 from worker.domain import RequestOutcome, RequestWork
 from worker.engine import Reranker
 from worker.event_loop import new_event_loop
@@ -67,6 +70,32 @@ def lease_s(settings: Settings) -> float:
     return settings.call_timeout_s + constants.SLOT_LEASE_MARGIN_S
 
 
+class SqlEpochWitness:
+    """The newest Redis epoch, kept in the database (see upstream/limits.py)."""
+
+    def __init__(self, database_url: str) -> None:
+        self._url = database_url
+
+    def last_seen(self) -> str | None:
+        """One try, not in_transaction's retries: a slot waits on this read, and without it
+        the pool only misses the quarantine of a Redis emptied before this process started."""
+        try:
+            with get_sessionmaker(self._url).begin() as session:
+                return repository.last_redis_epoch(session)
+        except SQLAlchemyError:
+            log.warning("action=redis_epoch_unread", exc_info=True)
+            return None
+
+    def saw(self, epoch: str) -> None:
+        threading.Thread(target=self._save, args=(epoch,), name="rerank-epoch", daemon=True).start()
+
+    def _save(self, epoch: str) -> None:
+        try:
+            in_transaction(self._url, functools.partial(repository.save_redis_epoch, epoch=epoch))
+        except SQLAlchemyError:
+            log.warning("action=redis_epoch_unsaved epoch=%s", epoch, exc_info=True)
+
+
 class Engine:
     """An event loop thread owning the HTTP client, the key pool and the reranker."""
 
@@ -93,6 +122,7 @@ class Engine:
             settings.keys,
             lease_s=lease_s(settings),
             local_slots=settings.slots_per_process,
+            witness=SqlEpochWitness(settings.sqlalchemy_url()),
         )
         policy = RetryPolicy(
             max_attempts=settings.max_attempts,

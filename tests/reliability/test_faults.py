@@ -25,7 +25,9 @@ from pydantic import SecretStr
 from sqlalchemy import text
 
 from worker import constants, runtime
+from worker.db import migrate
 from worker.db.session import get_engine
+from worker.runtime import SqlEpochWitness
 from worker.settings import ApiKey
 from worker.standin import ThreadedStandin
 from worker.upstream.limits import KeyPool
@@ -240,17 +242,31 @@ def alpha_of_2() -> list[ApiKey]:
 
 
 async def hold_two_then_restart(
-    own_redis: OwnRedis, ledger: SlotLedger, holder: KeyPool, stack: AsyncExitStack, persist: bool
+    own_redis: OwnRedis,
+    ledger: SlotLedger,
+    holder: KeyPool,
+    stack: AsyncExitStack,
+    persist: bool,
+    witness: SqlEpochWitness | None = None,
 ) -> float:
-    """`holder` takes both of alpha's slots, then Redis restarts; returns when they were taken."""
+    """`holder` takes both of alpha's slots, then Redis restarts; returns when they were taken.
+    With a witness, the restart waits until the epoch the holder saw is in the database."""
     taken = await stack.enter_async_context(ledger.hold(holder))
     await stack.enter_async_context(ledger.hold(holder))
+    if witness is not None:
+        async with asyncio.timeout(10):
+            while await asyncio.to_thread(witness.last_seen) is None:
+                await asyncio.sleep(0.01)
     await asyncio.to_thread(own_redis.restart, persist)
     return taken
 
 
 async def second_pool_waits_for_the_holder(
-    own_redis: OwnRedis, *, persist: bool, other_acquired_before: bool
+    own_redis: OwnRedis,
+    *,
+    persist: bool,
+    other_acquired_before: bool,
+    witness: SqlEpochWitness | None = None,
 ) -> dict[str, Any]:
     """Pool A holds alpha@2's two slots across a Redis restart, and ends its calls within
     their lease; pool B asks for a slot after the restart. Returns what the test saw."""
@@ -259,13 +275,13 @@ async def second_pool_waits_for_the_holder(
     client_a = aioredis.Redis.from_url(own_redis.url)
     client_b = aioredis.Redis.from_url(own_redis.url)
     try:
-        a = KeyPool(client_a, alpha_of_2(), lease_s=POOL_LEASE_S)
-        b = ObservedPool(client_b, alpha_of_2(), lease_s=POOL_LEASE_S)
+        a = KeyPool(client_a, alpha_of_2(), lease_s=POOL_LEASE_S, witness=witness)
+        b = ObservedPool(client_b, alpha_of_2(), lease_s=POOL_LEASE_S, witness=witness)
         if other_acquired_before:
             async with ledger.hold(b):  # B has seen the epoch
                 pass
         async with AsyncExitStack() as a_slots:
-            taken = await hold_two_then_restart(own_redis, ledger, a, a_slots, persist)
+            taken = await hold_two_then_restart(own_redis, ledger, a, a_slots, persist, witness)
             restarted = loop.time()
             got_slot = asyncio.Event()
 
@@ -326,24 +342,22 @@ def test_key_pool_after_redis_restarted_with_its_data_keeps_leases_and_needs_no_
     assert seen["granted"] - seen["released"] < 1.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: worker/upstream/limits.py ACQUIRE_LUA starts the quarantine only when the "
-        "caller had seen an epoch; a pool that never acquired before Redis restarted empty "
-        "gets a slot at once while leases taken before the restart are still running"
-    ),
-)
 def test_key_pool_new_after_redis_lost_its_state_still_respects_slots_taken_before(
-    own_redis: OwnRedis,
+    own_redis: OwnRedis, tmp_path: Path
 ) -> None:
-    """A worker that starts (or acquires for the first time) after an empty restart cannot
-    tell a fresh Redis from a restarted one, so it gets no quarantine: A's two calls, still
-    inside their lease, and this pool's call make three on alpha@2."""
+    """A worker that acquires for the first time after an empty restart finds no epoch in
+    Redis. The database's witness tells it the epoch before, so it waits out the quarantine:
+    A's two calls, still inside their lease, are not joined by a third on alpha@2."""
+    url = f"sqlite:///{tmp_path / 'witness.db'}"
+    migrate.upgrade(url)
     seen = asyncio.run(
-        second_pool_waits_for_the_holder(own_redis, persist=False, other_acquired_before=False)
+        second_pool_waits_for_the_holder(
+            own_redis, persist=False, other_acquired_before=False, witness=SqlEpochWitness(url)
+        )
     )
     assert seen["peak"] <= 2, f"{seen['peak']} slots of alpha@2 in use at once"
+    assert seen["granted"] >= seen["released"], "B got a slot while A still held both"
+    assert seen["granted"] - seen["restarted"] <= POOL_LEASE_S + 2
 
 
 def test_key_pool_slots_released_after_redis_restarted_with_its_data_are_free_at_once(

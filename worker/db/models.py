@@ -138,6 +138,20 @@ class ScoreCache(Base):
     tokens: Mapped[float] = mapped_column(Float)
 
 
+class RedisEpoch(Base):
+    """The newest epoch of the shared Redis state that any worker has seen (one row).
+
+    A worker starting after Redis restarted empty cannot tell that restart from a first
+    start by looking at Redis; this row, outside Redis, tells it (see upstream/limits.py).
+    """
+
+    __tablename__ = "redis_epoch"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    epoch: Mapped[str] = mapped_column(String(64))
+    seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class ModelPrice(Base):
     __tablename__ = "model_price"
 

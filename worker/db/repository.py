@@ -22,7 +22,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects import sqlite
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from worker.cache import KEY_BYTES
@@ -34,6 +34,7 @@ from worker.db.models import (
     Job,
     JobStatus,
     ModelPrice,
+    RedisEpoch,
     Request,
     RequestStatus,
     ScoreCache,
@@ -296,6 +297,8 @@ def renew_leases(session: Session, ids: Sequence[int], *, lease_s: float) -> Non
     )
 
 
+REDIS_EPOCH_ROW = 1
+
 # One row per upstream attempt, in the order record_outcomes builds them.
 UPSTREAM_CALL_COLUMNS = (
     "job_id",
@@ -416,6 +419,23 @@ def store_scores(session: Session, entries: Sequence[tuple[bytes, float, float]]
     session.execute(
         sqlite.insert(SCORE_CACHE_TABLE).on_conflict_do_nothing(),
         [{"key": key, "score": score, "tokens": tokens} for key, score, tokens in entries],
+    )
+
+
+def last_redis_epoch(session: Session) -> str | None:
+    return session.scalar(select(RedisEpoch.epoch).where(RedisEpoch.id == REDIS_EPOCH_ROW))
+
+
+def save_redis_epoch(session: Session, epoch: str) -> None:
+    """Keep `epoch` as the newest one seen (one row, written by whichever worker saw it)."""
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    values = {"id": REDIS_EPOCH_ROW, "epoch": epoch, "seen_at": utcnow()}
+    statement = dialect.insert(RedisEpoch).values(values)
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[RedisEpoch.id],
+            set_={"epoch": statement.excluded.epoch, "seen_at": statement.excluded.seen_at},
+        )
     )
 
 

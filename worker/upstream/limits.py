@@ -11,6 +11,8 @@ A Redis that restarts without its data forgets every lease. The script keeps an 
 key; a process that saw an epoch before and finds none has seen the state lost, so it
 starts a quarantine of one lease length (no new slot for anyone, after which every
 forgotten lease would have expired) and puts back the leases it still holds itself.
+A process that starts after the loss has seen no epoch in Redis, so an `EpochWitness`
+outside Redis (the database) tells it the last one any process saw.
 Redis outages are waited out; a lease that cannot be released expires by itself.
 
 A lease that ends while another taker of this process waits is not released on its own:
@@ -36,6 +38,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import redis
 import redis.asyncio as aioredis
@@ -187,6 +190,16 @@ class PrioritySemaphore:
         self._free += 1
 
 
+class EpochWitness(Protocol):
+    """Keeps the newest epoch of the Redis state where a Redis restart does not reach."""
+
+    def last_seen(self) -> str | None:
+        """The newest epoch any process has seen; it may block (it runs in a thread)."""
+
+    def saw(self, epoch: str) -> None:
+        """Keep `epoch` as the newest; called on the event loop, so it must not block."""
+
+
 class KeyPool:
     """The configured keys and their shared state in Redis."""
 
@@ -198,6 +211,7 @@ class KeyPool:
         lease_s: float,
         prefix: str = constants.REDIS_PREFIX,
         local_slots: int | None = None,
+        witness: EpochWitness | None = None,
     ) -> None:
         if not keys:
             raise errors.ConfigError("no API keys configured")
@@ -217,6 +231,8 @@ class KeyPool:
         self._ended: list[tuple[str, str]] = []
         self._releasing: set[asyncio.Task[None]] = set()
         self._epoch: str | None = None
+        self._witness = witness
+        self._witness_read: asyncio.Future[str | None] | None = None
         self._gate_ms = int(constants.INTERACTIVE_GATE_S * 1000)
 
     def _cancel_key(self, job_id: str | None) -> str:
@@ -233,6 +249,15 @@ class KeyPool:
         return await self._attempt(token, job_id, interactive=True)
 
     async def _attempt(self, token: str, job_id: str | None, interactive: bool) -> tuple[str, str]:
+        if self._epoch is None and self._witness is not None:
+            # Before the first answer: the epoch seen before this process, so that a Redis
+            # emptied before it started still starts the quarantine. One read for all takers.
+            if self._witness_read is None:
+                self._witness_read = asyncio.ensure_future(
+                    asyncio.to_thread(self._witness.last_seen)
+                )
+            seen = await asyncio.shield(self._witness_read)
+            self._epoch = self._epoch or seen
         ended, self._ended = self._ended, []
         try:
             outcome, value, epoch = await self._acquire(
@@ -257,6 +282,8 @@ class KeyPool:
             if self._epoch is not None:
                 await self._restore_held()
             self._epoch = epoch
+            if self._witness is not None:
+                self._witness.saw(epoch)
         return _text(outcome), _text(value)
 
     async def _restore_held(self) -> None:
