@@ -297,8 +297,6 @@ def renew_leases(session: Session, ids: Sequence[int], *, lease_s: float) -> Non
     )
 
 
-REDIS_EPOCH_ROW = 1
-
 # One row per upstream attempt, in the order record_outcomes builds them.
 UPSTREAM_CALL_COLUMNS = (
     "job_id",
@@ -420,6 +418,9 @@ def store_scores(session: Session, entries: Sequence[tuple[bytes, float, float]]
         sqlite.insert(SCORE_CACHE_TABLE).on_conflict_do_nothing(),
         [{"key": key, "score": score, "tokens": tokens} for key, score, tokens in entries],
     )
+
+
+REDIS_EPOCH_ROW = 1
 
 
 def last_redis_epoch(session: Session) -> str | None:
