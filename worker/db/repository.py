@@ -68,6 +68,11 @@ PG_CACHE_STORE = text(
 )
 
 
+def _on_postgresql(session: Session) -> bool:
+    """PostgreSQL gets COPY and packed parameters; other databases get plain statements."""
+    return session.get_bind().dialect.name == "postgresql"
+
+
 def _rowcount(result: Result[Any]) -> int:
     return int(cast(CursorResult[Any], result).rowcount)
 
@@ -113,7 +118,7 @@ def insert_requests(session: Session, rows: list[dict[str, Any]]) -> list[int]:
     On PostgreSQL the ids are drawn from the sequence first and the rows sent by COPY.
     """
     table = REQUEST_TABLE
-    if session.get_bind().dialect.name != "postgresql":
+    if not _on_postgresql(session):
         statement = insert(table).returning(table.c.id, sort_by_parameter_order=True)
         return list(session.execute(statement, rows).scalars())
     ids = list(
@@ -145,7 +150,7 @@ def insert_documents(session: Session, rows: Iterable[DocumentRow]) -> int:
     COPY, so the server stores rows while the caller parses the next ones. Other
     databases get multi-row INSERTs of DOCUMENT_INSERT_BATCH rows.
     """
-    if session.get_bind().dialect.name == "postgresql":
+    if _on_postgresql(session):
         return _copy(session, "document", DOCUMENT_COLUMNS, rows)
     count = 0
     for batch in _chunks(rows, DOCUMENT_INSERT_BATCH):
@@ -337,7 +342,7 @@ def record_outcomes(session: Session, outcomes: Sequence[RequestOutcome]) -> Non
         for o in outcomes
         for c in o.calls
     ]
-    if calls and session.get_bind().dialect.name == "postgresql":
+    if calls and _on_postgresql(session):
         _copy(session, "upstream_call", UPSTREAM_CALL_COLUMNS, calls)
     elif calls:
         rows = [dict(zip(UPSTREAM_CALL_COLUMNS, call, strict=True)) for call in calls]
@@ -383,9 +388,10 @@ def record_outcomes(session: Session, outcomes: Sequence[RequestOutcome]) -> Non
 
 
 def cached_scores(session: Session, keys: Sequence[bytes]) -> dict[bytes, CachedScore]:
-    """The cached pairs among `keys` (on PostgreSQL in one statement, keys as one array)."""
+    """The cached pairs among `keys` (on PostgreSQL in one statement, the keys packed into
+    one bytea)."""
     unique = list(set(keys))
-    if session.get_bind().dialect.name == "postgresql":
+    if _on_postgresql(session):
         rows = session.execute(PG_CACHE_LOOKUP, {"keys": b"".join(unique)})
         return {key: CachedScore(score, tokens) for key, score, tokens in rows}
     table = SCORE_CACHE_TABLE
@@ -403,7 +409,7 @@ def store_scores(session: Session, entries: Sequence[tuple[bytes, float, float]]
     """Add scored pairs to the cache; a pair already there (another run's) is kept."""
     if not entries:
         return
-    if session.get_bind().dialect.name == "postgresql":
+    if _on_postgresql(session):
         keys, scores, tokens = zip(*entries, strict=True)
         session.execute(
             PG_CACHE_STORE,
@@ -429,7 +435,7 @@ def last_redis_epoch(session: Session) -> str | None:
 
 def save_redis_epoch(session: Session, epoch: str) -> None:
     """Keep `epoch` as the newest one seen (one row, written by whichever worker saw it)."""
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    dialect = postgresql if _on_postgresql(session) else sqlite
     values = {"id": REDIS_EPOCH_ROW, "epoch": epoch, "seen_at": utcnow()}
     statement = dialect.insert(RedisEpoch).values(values)
     session.execute(
