@@ -6,7 +6,7 @@ from celery import Celery
 from kombu.entity import Queue
 
 from worker import constants, embedded
-from worker.runtime import redis_url
+from worker.redis_clients import redis_url
 from worker.settings import get_settings
 
 

@@ -37,6 +37,8 @@ DISPATCH_STALE_S = 30.0
 # A request delivered this many times without finishing is failed as poison.
 MAX_DELIVERIES = 5
 
+# The one Celery task; producers send it by name, without importing the worker's code.
+RUN_REQUESTS_TASK = "rerank.run_requests"
 QUEUE_INTERACTIVE = "interactive"
 QUEUE_BULK = "bulk"
 PRIORITIES = (QUEUE_INTERACTIVE, QUEUE_BULK)

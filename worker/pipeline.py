@@ -30,7 +30,8 @@ from worker import constants
 from worker.db import repository
 from worker.db.session import in_transaction
 from worker.domain import RequestOutcome, RequestWork
-from worker.runtime import Engine, redis_url, sync_redis
+from worker.redis_clients import redis_url, sync_redis
+from worker.runtime import Engine
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)

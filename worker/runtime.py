@@ -1,4 +1,4 @@
-"""Per-process resources: the Redis URL, and the asyncio engine that talks to the upstream.
+"""Per-process resources: the asyncio engine that talks to the upstream.
 
 Celery runs tasks in threads; the engine runs one event loop in its own thread with one
 pooled HTTP client and one Redis connection pool, and tasks hand it requests.
@@ -13,20 +13,16 @@ import threading
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
-import redis
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry as SyncRetry
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker import constants, embedded
+from worker import constants
 from worker.db import repository
 from worker.db.models import RequestStatus
 from worker.db.session import get_sessionmaker, in_transaction
 from worker.domain import RequestOutcome, RequestWork
 from worker.engine import Reranker
 from worker.event_loop import new_event_loop
+from worker.redis_clients import async_redis, redis_url
 from worker.settings import Settings
 from worker.upstream.client import RerankClient
 from worker.upstream.limits import KeyPool
@@ -34,36 +30,6 @@ from worker.upstream.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-REDIS_COMMAND_RETRIES = 3
-
-
-def redis_url(settings: Settings) -> str:
-    """RERANK_REDIS_URL, or the embedded Redis in the data dir (started on first use)."""
-    if settings.redis_url:
-        return settings.redis_url
-    return embedded.ensure_embedded_redis(settings.resolved_data_dir())
-
-
-@functools.lru_cache(maxsize=4)
-def sync_redis(url: str) -> redis.Redis:
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=10,
-        health_check_interval=30,
-        retry=SyncRetry(ExponentialBackoff(cap=1.0, base=0.05), REDIS_COMMAND_RETRIES),
-        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
-    )
-
-
-def async_redis(url: str) -> aioredis.Redis:
-    """The engine's client. A command on a connection that a Redis restart closed is sent
-    again on a new one, so a slot release or a pause is not lost to a restart that is over."""
-    return aioredis.Redis.from_url(
-        url,
-        socket_timeout=10,
-        retry=AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), REDIS_COMMAND_RETRIES),
-        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
-    )
 
 
 def lease_s(settings: Settings) -> float:

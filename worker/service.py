@@ -21,8 +21,7 @@ from worker.db.base import utcnow
 from worker.db.models import Job, JobStatus, RequestStatus
 from worker.db.session import get_sessionmaker, in_transaction
 from worker.domain import RequestWork
-from worker.pipeline import get_pipeline
-from worker.runtime import redis_url, sync_redis
+from worker.redis_clients import redis_url, sync_redis
 from worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -238,12 +237,12 @@ def enqueue_job(job_id: str, priority: str, settings: Settings) -> bool:
 
 
 def publish(ids: list[int], priority: str) -> None:
-    from worker.tasks import run_requests
+    from worker.celery_app import app  # connects to Redis: only when there is work to send
 
     per_task = constants.REQUESTS_PER_TASK[priority]
     for start in range(0, len(ids), per_task):
         chunk = ids[start : start + per_task]
-        run_requests.apply_async(args=[chunk], queue=priority, retry=False)
+        app.send_task(constants.RUN_REQUESTS_TASK, args=[chunk], queue=priority, retry=False)
 
 
 # ---------------------------------------------------------------- run
@@ -251,6 +250,8 @@ def publish(ids: list[int], priority: str) -> None:
 
 def run_requests(request_ids: list[int]) -> int:
     """Claim the requests in SQL and hand them to this process's pipeline."""
+    from worker.pipeline import get_pipeline  # the engine and HTTP stack: workers only
+
     settings = get_settings()
     work = _in_transaction(functools.partial(_claim, ids=request_ids, settings=settings))
     if work:

@@ -15,7 +15,7 @@ from worker import constants
 from worker.db import repository
 from worker.db.base import utcnow
 from worker.db.session import in_transaction
-from worker.runtime import redis_url, sync_redis
+from worker.redis_clients import redis_url, sync_redis
 from worker.service import publish
 from worker.settings import Settings, get_settings
 

@@ -11,7 +11,7 @@ from worker.celery_app import app
 from worker.settings import get_settings
 
 
-@app.task(name="rerank.run_requests", ignore_result=True)
+@app.task(name=constants.RUN_REQUESTS_TASK, ignore_result=True)
 def run_requests(request_ids: list[int]) -> int:
     return service.run_requests(request_ids)
 

@@ -24,7 +24,7 @@ from jobs_support import expected_results, make_requests, results_of, submit, wa
 from pydantic import SecretStr
 from sqlalchemy import text
 
-from worker import constants, runtime
+from worker import constants, redis_clients
 from worker.db import migrate
 from worker.db.session import get_engine
 from worker.runtime import SqlEpochWitness
@@ -367,7 +367,7 @@ def test_key_pool_slots_released_after_redis_restarted_with_its_data_are_free_at
     must be free at once, not one lease (call timeout + 5 s) later."""
 
     async def main() -> int:
-        client = runtime.async_redis(own_redis.url)
+        client = redis_clients.async_redis(own_redis.url)
         try:
             pool = KeyPool(client, alpha_of_2(), lease_s=60)
             async with pool.slot(), pool.slot():
