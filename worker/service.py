@@ -44,6 +44,14 @@ def _in_transaction(fn: Callable[[Session], T], settings: Settings | None = None
 # ---------------------------------------------------------------- submit
 
 
+@dataclass(frozen=True)
+class _Stored:
+    """How many rows of each kind a submit stored."""
+
+    requests: int
+    documents: int
+
+
 @dataclass
 class SubmitResult:
     job_id: str
@@ -97,10 +105,10 @@ def _store_requests(
     requests: Iterable[ingest.RequestInput],
     warnings: list[str],
     per_call_cap: int | None,
-) -> int:
+) -> _Stored:
     """Insert requests and their documents in batches (COPY on PostgreSQL)."""
     now = utcnow()
-    count = 0
+    count = documents = 0
     batch: list[ingest.RequestInput] = []
     batch_documents = 0
 
@@ -122,13 +130,14 @@ def _store_requests(
             warnings.append(warning)
         batch.append(request)
         batch_documents += len(request.documents)
+        documents += len(request.documents)
         count += 1
         if len(batch) >= REQUEST_BATCH or batch_documents >= DOCUMENT_BATCH:
             flush()
             batch_documents = 0
     if batch:
         flush()
-    return count
+    return _Stored(count, documents)
 
 
 def _store_corpus(
@@ -138,7 +147,7 @@ def _store_corpus(
     request: ingest.RequestInput,
     warnings: list[str],
     per_call_cap: int | None,
-) -> int:
+) -> _Stored:
     """One request whose documents stream from the file into the database as they are
     validated (constant memory; on PostgreSQL one COPY, fed while the file is parsed)."""
     (request_id,) = repository.insert_requests(session, [_request_row(job_id, request, utcnow())])
@@ -148,7 +157,7 @@ def _store_corpus(
     warning = _split_warning(request, count, per_call_cap)
     if warning:
         warnings.append(warning)
-    return 1
+    return _Stored(1, count)
 
 
 def submit_job(
@@ -205,19 +214,26 @@ def submit_job(
                     top_n=top_n,
                     return_documents=False,
                 )
-                total = _store_corpus(session, job_id, lines, corpus, warnings, cap)
+                stored = _store_corpus(session, job_id, lines, corpus, warnings, cap)
             else:
                 requests = ingest.iter_requests(lines, default_model=model, default_top_n=top_n)
-                total = _store_requests(session, job_id, requests, warnings, cap)
+                stored = _store_requests(session, job_id, requests, warnings, cap)
             job = session.get(Job, job_id)
             assert job is not None
-            job.total_requests = total
+            job.total_requests = stored.requests
             job.warnings = json.dumps(warnings) if warnings else None
             session.commit()
         except BaseException:
             session.rollback()
             raise
-    result = SubmitResult(job_id, total, warnings=warnings)
+    _in_transaction(
+        functools.partial(
+            repository.refresh_statistics,
+            added={"request": stored.requests, "document": stored.documents},
+        ),
+        settings,
+    )
+    result = SubmitResult(job_id, stored.requests, warnings=warnings)
     result.enqueued = enqueue_job(job_id, priority, settings)
     return result
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from jobs_support import submit, write_jsonl
 from sqlalchemy import text, update
 from sqlalchemy.orm import Session
 
@@ -152,3 +154,53 @@ def test_write_results_writes_one_line_per_request_in_input_order(database_url: 
     ] + ["succeeded"] * 2
     assert lines[0]["results"] == [{"index": 0, "relevance_score": 0.5}]
     assert lines[1]["error"] == {"type": "invalid_request", "message": "bad"}
+
+
+def reltuples(url: str, table: str) -> float:
+    """How many rows PostgreSQL's planner believes the table has (-1: never analyzed)."""
+    with get_engine(url).connect() as connection:
+        query = text("SELECT reltuples FROM pg_class WHERE oid = to_regclass(:table)")
+        return float(connection.execute(query, {"table": table}).scalar_one())
+
+
+def test_a_large_submit_is_analyzed_before_its_requests_are_sent(
+    make_env: Any, postgres_url: str, tmp_path: Path
+) -> None:
+    env = make_env(postgres_url)
+    path = write_jsonl(tmp_path / "corpus.jsonl", [f"doc {i}" for i in range(1500)])
+    submit(env, path, "--query", "q")
+    assert reltuples(postgres_url, "document") == 1500
+
+
+def test_statistics_are_refreshed_only_when_a_submit_outgrows_them(postgres_url: str) -> None:
+    maker = get_sessionmaker(postgres_url)
+    with maker.begin() as session:
+        _, (request_id,) = new_job(session, 1)
+        repository.insert_documents(session, ((request_id, i, '"d"', None) for i in range(5000)))
+    below_minimum = {"document": repository.ANALYZE_MIN_ROWS - 1}
+    with maker.begin() as session:
+        assert repository.refresh_statistics(session, below_minimum) == []
+        assert repository.refresh_statistics(session, {"document": 5000}) == ["document"]
+    assert reltuples(postgres_url, "document") == 5000
+    with maker.begin() as session:
+        assert repository.refresh_statistics(session, {"document": 1000}) == []  # a fifth
+        assert repository.refresh_statistics(session, {"document": 1001}) == ["document"]
+
+
+def test_a_claim_does_not_wait_for_another_claim_starting_the_same_job(postgres_url: str) -> None:
+    maker = get_sessionmaker(postgres_url)
+    with maker.begin() as session:
+        job_id, (first_id, second_id) = new_job(session, 2)
+    with maker.begin() as first:
+        claimed, _ = repository.claim_requests(first, [first_id], lease_s=30, max_deliveries=5)
+        assert [w.request_id for w in claimed] == [first_id]  # the job's row is locked till commit
+        with maker.begin() as second:
+            second.execute(text("SET LOCAL lock_timeout = '2s'"))
+            claimed, _ = repository.claim_requests(
+                second, [second_id], lease_s=30, max_deliveries=5
+            )
+            assert [w.request_id for w in claimed] == [second_id]
+    with maker() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        assert (job.status, job.started_at is not None) == (JobStatus.RUNNING, True)
