@@ -13,6 +13,7 @@ from typing import IO, Any, TypeVar
 
 import kombu.exceptions
 import redis
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker import cache, catalog, constants, errors, ingest
@@ -226,16 +227,20 @@ def submit_job(
         except BaseException:
             session.rollback()
             raise
-    _in_transaction(
-        functools.partial(
-            repository.refresh_statistics,
-            added={"request": stored.requests, "document": stored.documents},
-        ),
-        settings,
-    )
+    _refresh_statistics(stored, maker)
     result = SubmitResult(job_id, stored.requests, warnings=warnings)
     result.enqueued = enqueue_job(job_id, priority, settings)
     return result
+
+
+def _refresh_statistics(stored: _Stored, maker: sessionmaker[Session]) -> None:
+    """Best effort: the job is stored, and stale statistics only make claims slower."""
+    added = {"request": stored.requests, "document": stored.documents}
+    try:
+        with maker.begin() as session:
+            repository.refresh_statistics(session, added)
+    except SQLAlchemyError as exc:
+        log.warning("action=analyze_skipped reason=%s", type(exc).__name__)
 
 
 def enqueue_job(job_id: str, priority: str, settings: Settings) -> bool:

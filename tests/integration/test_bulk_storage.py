@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from jobs_support import submit, write_jsonl
 from sqlalchemy import text, update
 from sqlalchemy.orm import Session
 
-from worker import errors, service
+from worker import constants, errors, service
 from worker.db import repository
 from worker.db.base import utcnow
 from worker.db.models import Job, JobStatus, Request, RequestStatus
@@ -170,6 +171,21 @@ def test_a_large_submit_is_analyzed_before_its_requests_are_sent(
     path = write_jsonl(tmp_path / "corpus.jsonl", [f"doc {i}" for i in range(1500)])
     submit(env, path, "--query", "q")
     assert reltuples(postgres_url, "document") == 1500
+
+
+def test_a_submit_that_cannot_analyze_in_time_still_sends_its_job(
+    make_env: Any, postgres_url: str, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    env = make_env(postgres_url)
+    path = write_jsonl(tmp_path / "corpus.jsonl", [f"doc {i}" for i in range(1500)])
+    with get_engine(postgres_url).connect() as holder:  # as an autovacuum of the table would
+        holder.execute(text("LOCK TABLE document IN SHARE UPDATE EXCLUSIVE MODE"))
+        done = env.cli("submit", str(path), "--query", "q")
+        holder.rollback()
+    assert done.returncode == 0, done.stderr
+    assert "action=analyze_skipped reason=OperationalError" in done.stderr
+    assert reltuples(postgres_url, "document") == -1
+    assert redis_client.llen(constants.QUEUE_BULK) == 1
 
 
 def test_statistics_are_refreshed_only_when_a_submit_outgrows_them(postgres_url: str) -> None:

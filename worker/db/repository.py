@@ -187,6 +187,7 @@ def _copy(
 # planner knows of, has the table analyzed before its requests are sent.
 ANALYZE_MIN_ROWS = 1000
 STALE_FRACTION = 0.2
+ANALYZE_LOCK_TIMEOUT_MS = 2000
 
 
 def refresh_statistics(session: Session, added: dict[str, int]) -> list[str]:
@@ -209,6 +210,8 @@ def refresh_statistics(session: Session, added: dict[str, int]) -> list[str]:
         if rows >= ANALYZE_MIN_ROWS and rows > STALE_FRACTION * max(known or 0, 0):
             stale.append(table)
     if stale:
+        # Not behind an autovacuum of the table (or another submit's ANALYZE) for long.
+        session.execute(text(f"SET LOCAL lock_timeout = '{ANALYZE_LOCK_TIMEOUT_MS}ms'"))
         session.execute(text(f"ANALYZE {', '.join(stale)}"))
     return stale
 
