@@ -21,6 +21,7 @@ from worker.db import repository
 from worker.db.base import utcnow
 from worker.db.models import Job, JobStatus, Request, RequestStatus
 from worker.db.session import get_engine, get_sessionmaker
+from worker.domain import RequestOutcome
 from worker.settings import Settings
 
 CORPUS_DOCUMENTS = 12_000
@@ -220,3 +221,43 @@ def test_a_claim_does_not_wait_for_another_claim_starting_the_same_job(postgres_
         job = session.get(Job, job_id)
         assert job is not None
         assert (job.status, job.started_at is not None) == (JobStatus.RUNNING, True)
+
+
+def test_an_outcome_applies_only_while_running_and_its_tokens_always_count(
+    database_url: str,
+) -> None:
+    maker = get_sessionmaker(database_url)
+    with maker.begin() as session:
+        _, (running_id, taken_over_id) = new_job(session, 2)
+        session.execute(update(Request).values(status=RequestStatus.RUNNING, total_tokens=5))
+        session.execute(  # another worker's run of this request ended first
+            update(Request)
+            .where(Request.id == taken_over_id)
+            .values(status=RequestStatus.SUCCEEDED, results_json="[1]")
+        )
+    with maker.begin() as session:
+        outcomes = [
+            RequestOutcome(
+                request_id=request_id,
+                job_id="job2",
+                status=RequestStatus.SUCCEEDED,
+                results_json="[2]",
+                total_tokens=7,
+                cache_hits=1,
+                tokens_saved=3,
+            )
+            for request_id in (running_id, taken_over_id)
+        ]
+        repository.record_outcomes(session, outcomes)
+    with maker() as session:
+        running, taken_over = (session.get(Request, i) for i in (running_id, taken_over_id))
+        assert running is not None and taken_over is not None
+        assert (running.status, running.results_json, running.total_tokens) == (
+            RequestStatus.SUCCEEDED,
+            "[2]",
+            12,
+        )
+        assert (running.cache_hits, running.tokens_saved) == (1, 3)
+        assert running.finished_at is not None and running.lease_expires_at is None
+        assert (taken_over.results_json, taken_over.total_tokens) == ("[1]", 12)
+        assert (taken_over.cache_hits, taken_over.finished_at) == (0, None)

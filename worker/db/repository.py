@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from sqlalchemy import (
+    ColumnElement,
     CursorResult,
     Result,
     Table,
@@ -17,6 +18,8 @@ from sqlalchemy import (
     case,
     func,
     insert,
+    literal_column,
+    null,
     or_,
     select,
     text,
@@ -357,6 +360,32 @@ UPSTREAM_CALL_COLUMNS = (
 )
 
 
+def _while_running(column: ColumnElement[Any], value: ColumnElement[Any]) -> ColumnElement[Any]:
+    """`value` for a request that is still running; its current value otherwise."""
+    running: ColumnElement[str] = literal_column(f"'{RequestStatus.RUNNING.value}'")
+    return case((REQUEST_TABLE.c.status == running, value), else_=column)
+
+
+_request = REQUEST_TABLE.c
+# One statement per finished request, built once: the tokens billed are always added, and the
+# outcome applies only while the request is still running (see record_outcomes).
+RECORD_OUTCOME = (
+    update(REQUEST_TABLE)
+    .where(_request.id == bindparam("b_id"))
+    .values(
+        total_tokens=_request.total_tokens + bindparam("b_tokens"),
+        status=_while_running(_request.status, bindparam("b_status")),
+        results_json=_while_running(_request.results_json, bindparam("b_results")),
+        error_type=_while_running(_request.error_type, bindparam("b_error_type")),
+        error_message=_while_running(_request.error_message, bindparam("b_error_message")),
+        cache_hits=_while_running(_request.cache_hits, bindparam("b_cache_hits")),
+        tokens_saved=_while_running(_request.tokens_saved, bindparam("b_tokens_saved")),
+        finished_at=_while_running(_request.finished_at, bindparam("b_finished_at")),
+        lease_expires_at=_while_running(_request.lease_expires_at, null()),
+    )
+)
+
+
 def record_outcomes(session: Session, outcomes: Sequence[RequestOutcome]) -> None:
     """Write finished requests in one round of statements; every upstream attempt is logged
     (by COPY on PostgreSQL: psycopg adapts executemany parameters one at a time in Python).
@@ -388,39 +417,20 @@ def record_outcomes(session: Session, outcomes: Sequence[RequestOutcome]) -> Non
         rows = [dict(zip(UPSTREAM_CALL_COLUMNS, call, strict=True)) for call in calls]
         conn.execute(insert(UPSTREAM_CALL_TABLE), rows)
     store_scores(session, [entry for o in outcomes for entry in o.new_scores])
-    table = REQUEST_TABLE
-    billed = [
-        {"b_id": o.request_id, "b_tokens": o.total_tokens} for o in outcomes if o.total_tokens
-    ]
-    if billed:
-        conn.execute(
-            update(table)
-            .where(table.c.id == bindparam("b_id"))
-            .values(total_tokens=table.c.total_tokens + bindparam("b_tokens")),
-            billed,
-        )
+    finished_at = utcnow()
     conn.execute(
-        update(table)
-        .where(table.c.id == bindparam("b_id"), table.c.status == RequestStatus.RUNNING)
-        .values(
-            status=bindparam("b_status"),
-            results_json=bindparam("b_results"),
-            error_type=bindparam("b_error_type"),
-            error_message=bindparam("b_error_message"),
-            cache_hits=bindparam("b_cache_hits"),
-            tokens_saved=bindparam("b_tokens_saved"),
-            finished_at=utcnow(),
-            lease_expires_at=None,
-        ),
+        RECORD_OUTCOME,
         [
             {
                 "b_id": o.request_id,
+                "b_tokens": o.total_tokens,
                 "b_status": o.status,
                 "b_results": o.results_json,
                 "b_error_type": o.error_type,
                 "b_error_message": o.error_message,
                 "b_cache_hits": o.cache_hits,
                 "b_tokens_saved": o.tokens_saved,
+                "b_finished_at": finished_at,
             }
             for o in outcomes
         ],
