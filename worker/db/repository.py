@@ -202,15 +202,16 @@ def refresh_statistics(session: Session, added: dict[str, int]) -> list[str]:
     document to fetch one task's 320 (7 to 22 ms per claim instead of under one). The
     PostgreSQL manual advises ANALYZE after a bulk load ("Populating a Database").
     """
-    if not _on_postgresql(session):
-        return []
+    large = {table: rows for table, rows in added.items() if rows >= ANALYZE_MIN_ROWS}
+    if not large or not _on_postgresql(session):
+        return []  # a small submit (an interactive one) costs no round trip here
     stale = []
-    for table, rows in added.items():
+    for table, rows in large.items():
         known = session.scalar(
             text("SELECT reltuples FROM pg_class WHERE oid = to_regclass(:table)"),
             {"table": table},
         )
-        if rows >= ANALYZE_MIN_ROWS and rows > STALE_FRACTION * max(known or 0, 0):
+        if rows > STALE_FRACTION * max(known or 0, 0):
             stale.append(table)
     if stale:
         # Not behind an autovacuum of the table (or another submit's ANALYZE) for long.
