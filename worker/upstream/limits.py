@@ -277,6 +277,14 @@ class KeyPool:
         except BaseException:
             self._ended += ended  # not sent: the next attempt, or the flush, releases them
             raise
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            # redis-py (8.1) can swallow a cancellation that lands while it reconnects; the
+            # taker would then poll on for ever. Give back what the script took, and stop.
+            if _text(outcome) == "ok":
+                self._ended.append((_text(value), token))
+                asyncio.get_running_loop().call_soon(self._flush_ended)
+            raise asyncio.CancelledError
         epoch = _text(epoch)
         if epoch != self._epoch:
             if self._epoch is not None:
