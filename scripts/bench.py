@@ -275,6 +275,19 @@ def database_settings(env: dict[str, str]) -> Settings:
     return Settings(database_url=env["RERANK_DATABASE_URL"])
 
 
+def rate_figures(calls: int, elapsed_s: float, latency_ms: float = LATENCY_MS) -> dict[str, float]:
+    """Calls per second, and their share of the keys' limit (slots / latency)."""
+    limit = len(KEYS) * SLOTS_PER_KEY / (latency_ms / 1000)
+    return {
+        "calls_per_s": round(calls / elapsed_s, 1),
+        "percent_of_limit": round(100 * calls / elapsed_s / limit, 1),
+    }
+
+
+def ms_per_call(cpu_seconds: float, calls: int) -> float:
+    return round(1000 * cpu_seconds / calls, 3)
+
+
 @dataclass
 class Row:
     """One line of the table: a target's name and its figures (column key -> value)."""
@@ -310,17 +323,15 @@ def bench_throughput(requests: int, docs: int, worker_args: list[str]) -> list[R
             standin_cpu = cpu_s(svc.standin.pid) - standin_cpu_before
             rss_end = rss_mb(process.pid)
         calls = svc.stats()["total"]["ok"]
-    limit = len(KEYS) * SLOTS_PER_KEY / (LATENCY_MS / 1000)
     rss_mid = rss.samples[len(rss.samples) // 2] if rss.samples else rss_start
     rss_max = max([rss_start, rss_end, *rss.samples])
     figures = {
         "items": f"{requests} requests",
         "succeeded": status["succeeded"],
         "elapsed_s": round(elapsed_s, 1),
-        "calls_per_s": round(calls / elapsed_s, 1),
-        "percent_of_limit": round(100 * calls / elapsed_s / limit, 1),
-        "cpu_ms_per_call": round(1000 * cpu / calls, 3),
-        "standin_cpu_ms_per_call": round(1000 * standin_cpu / calls, 3),
+        **rate_figures(calls, elapsed_s),
+        "cpu_ms_per_call": ms_per_call(cpu, calls),
+        "standin_cpu_ms_per_call": ms_per_call(standin_cpu, calls),
         "mean_calls_in_flight": in_flight.mean(),
         "worker_rss_mb": f"{rss_start:.0f} / {rss_mid:.0f} / {rss_end:.0f} / {rss_max:.0f}",
     }
@@ -573,15 +584,13 @@ def bench_interactive(bulk_requests: int, samples: int, docs: int) -> list[Row]:
             bulk = job_status(bulk_id, settings)
     if bulk["pending"] == 0:
         raise RuntimeError("the bulk job ended before the last sample: raise --bulk-requests")
-    limit = len(KEYS) * SLOTS_PER_KEY / (latency_ms / 1000)
     figures = {
         "items": f"{samples} jobs beside {bulk_requests} bulk",
         "interactive_latency_ms": (
             f"{statistics.median(latencies):.0f} / {max(latencies):.0f} "
             f"(call after {statistics.median(to_call):.0f})"
         ),
-        "calls_per_s": round(bulk_calls / window_s, 1),
-        "percent_of_limit": round(100 * bulk_calls / window_s / limit, 1),
+        **rate_figures(bulk_calls, window_s, latency_ms),
     }
     return [Row("interactive under bulk load", figures)]
 
@@ -695,14 +704,12 @@ def bench_bare(calls: int, docs: int) -> list[Row]:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         standin_cpu = cpu_s(svc.standin.pid) - standin_cpu_before
     cpu = usage.ru_utime + usage.ru_stime - usage_before.ru_utime - usage_before.ru_stime
-    limit = len(KEYS) * SLOTS_PER_KEY / (LATENCY_MS / 1000)
     figures = {
         "items": f"{calls} calls",
         "elapsed_s": round(elapsed_s, 1),
-        "calls_per_s": round(calls / elapsed_s, 1),
-        "percent_of_limit": round(100 * calls / elapsed_s / limit, 1),
-        "cpu_ms_per_call": round(1000 * cpu / calls, 3),
-        "standin_cpu_ms_per_call": round(1000 * standin_cpu / calls, 3),
+        **rate_figures(calls, elapsed_s),
+        "cpu_ms_per_call": ms_per_call(cpu, calls),
+        "standin_cpu_ms_per_call": ms_per_call(standin_cpu, calls),
     }
     return [Row("bare asyncio+httpx client", figures)]
 
