@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import functools
@@ -214,6 +215,17 @@ def write_requests(path: Path, count: int, docs: int, seed: int = 1) -> None:
             out.write("\n")
 
 
+def write_image_requests(path: Path, count: int, docs: int, image_kb: int) -> None:
+    """Requests whose documents are base64 images of about `image_kb` KB each (random bytes,
+    which compress no better than real pictures do)."""
+    picture = base64.b64encode(random.Random(2).randbytes(image_kb * 768)).decode()
+    with path.open("w") as out:
+        for i in range(count):
+            images = [{"image": f"data:image/png;base64,{i}x{j}{picture}"} for j in range(docs)]
+            out.write(json.dumps({"custom_id": f"r{i}", "query": f"q {i}", "documents": images}))
+            out.write("\n")
+
+
 def cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "worker", *args],
@@ -404,8 +416,8 @@ def document_rows(database_url: str, job_id: str) -> int:
     return int(row[0])
 
 
-def _ingest_row(svc: Services, name: str, documents: int, *submit_args: str) -> Row:
-    run = run_measured(svc.env(), svc.workdir, "submit", *submit_args)
+def _ingest_row(svc: Services, name: str, documents: int, path: Path, *submit_args: str) -> Row:
+    run = run_measured(svc.env(), svc.workdir, "submit", str(path), *submit_args)
     job_id = run.stdout.strip().splitlines()[-1]
     stored = document_rows(svc.database_url, job_id)
     if stored != documents:
@@ -414,27 +426,39 @@ def _ingest_row(svc: Services, name: str, documents: int, *submit_args: str) -> 
         "items": f"{documents} documents",
         "elapsed_s": round(run.elapsed_s, 1),
         "docs_per_s": round(documents / run.elapsed_s),
+        "input_mb_per_s": round(path.stat().st_size / 1e6 / run.elapsed_s, 1),
         "peak_rss_mb": run.peak_rss_mb,
     }
     return Row(name, figures)
 
 
-def bench_ingest(corpus_docs: int, requests: int, docs: int) -> list[Row]:
-    """`rerank-worker submit` of a corpus file (`--query`) and of a requests file into
-    PostgreSQL, each in a fresh process: wall time from start to exit, and its peak RSS.
-    No worker runs; the job's messages wait in the bench's Redis."""
+def bench_ingest(
+    corpus_docs: int, requests: int, docs: int, image_requests: int, image_kb: int
+) -> list[Row]:
+    """`rerank-worker submit` of a corpus file (`--query`), of a requests file and of a
+    requests file of images into PostgreSQL, each in a fresh process: wall time from start
+    to exit, and its peak RSS. No worker runs; the job's messages wait in the bench's Redis."""
     with services() as svc:
         corpus = svc.workdir / "corpus.jsonl"
         write_corpus(corpus, corpus_docs)
         path = svc.workdir / "requests.jsonl"
         write_requests(path, requests, docs)
+        images = svc.workdir / "images.jsonl"
+        write_image_requests(images, image_requests, IMAGES_PER_REQUEST, image_kb)
         return [
             _ingest_row(
-                svc, "ingest corpus (--query)", corpus_docs, str(corpus),
+                svc, "ingest corpus (--query)", corpus_docs, corpus,
                 "--query", "waterproof hiking boots", "--top-n", "100",
             ),
-            _ingest_row(svc, f"ingest requests ({requests} x {docs})", requests * docs, str(path)),
+            _ingest_row(svc, f"ingest requests ({requests} x {docs})", requests * docs, path),
+            _ingest_row(
+                svc, f"ingest images ({image_requests} x {IMAGES_PER_REQUEST}, {image_kb} KB)",
+                image_requests * IMAGES_PER_REQUEST, images,
+            ),
         ]  # fmt: skip
+
+
+IMAGES_PER_REQUEST = 10
 
 
 # Ten results per request, indexes spread over 100 documents, scores descending; it refers
@@ -724,6 +748,7 @@ COLUMNS = {
     "cpu_ms_per_call": "CPU ms/call",
     "standin_cpu_ms_per_call": "stand-in CPU ms/call",
     "docs_per_s": "ingest docs/s",
+    "input_mb_per_s": "input MB/s",
     "peak_rss_mb": "peak RSS MB",
     "lines_per_s": "export lines/s",
     "stream_lines_per_s": "export lines/s after start-up",
@@ -740,7 +765,9 @@ COLUMNS = {
 TARGETS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "bare": lambda a: bench_bare(a.requests, a.docs),
     "throughput": lambda a: bench_throughput(a.requests, a.docs, a.worker_args.split()),
-    "ingest": lambda a: bench_ingest(a.corpus_docs, a.ingest_requests, a.ingest_docs),
+    "ingest": lambda a: bench_ingest(
+        a.corpus_docs, a.ingest_requests, a.ingest_docs, a.image_requests, a.image_kb
+    ),
     "export": lambda a: bench_export([int(n) for n in a.export_lines.split(",")]),
     "cache": lambda a: bench_cache(a.cache_docs, a.cache_edit_every),
     "interactive": lambda a: bench_interactive(a.bulk_requests, a.samples, a.docs),
@@ -768,6 +795,8 @@ def main() -> None:
     parser.add_argument("--corpus-docs", type=int, default=1_000_000, help="ingest: corpus")
     parser.add_argument("--ingest-requests", type=int, default=10_000, help="ingest: requests")
     parser.add_argument("--ingest-docs", type=int, default=100, help="ingest: per request")
+    parser.add_argument("--image-requests", type=int, default=1000, help="ingest: of images")
+    parser.add_argument("--image-kb", type=int, default=50, help="ingest: size of an image")
     parser.add_argument("--export-lines", default="100000,1000000", help="export: job sizes")
     parser.add_argument("--bulk-requests", type=int, default=6000, help="interactive: bulk")
     parser.add_argument("--samples", type=int, default=10, help="interactive: jobs timed")

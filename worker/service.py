@@ -28,9 +28,12 @@ from worker.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Rows per multi-row INSERT while ingesting.
+# A requests file is stored in batches of at most this many requests, documents and
+# characters of document JSON: the last bound keeps memory flat when documents are large
+# (images), whatever their count.
 REQUEST_BATCH = 500
 DOCUMENT_BATCH = 5000
+BATCH_CONTENT_CHARS = 8 * 1024 * 1024
 MAX_WARNINGS = 20
 
 
@@ -111,7 +114,7 @@ def _store_requests(
     now = utcnow()
     count = documents = 0
     batch: list[ingest.RequestInput] = []
-    batch_documents = 0
+    batch_documents = batch_chars = 0
 
     def flush() -> None:
         ids = repository.insert_requests(session, [_request_row(job_id, r, now) for r in batch])
@@ -131,11 +134,16 @@ def _store_requests(
             warnings.append(warning)
         batch.append(request)
         batch_documents += len(request.documents)
+        batch_chars += sum(len(d.content) for d in request.documents)
         documents += len(request.documents)
         count += 1
-        if len(batch) >= REQUEST_BATCH or batch_documents >= DOCUMENT_BATCH:
+        if (
+            len(batch) >= REQUEST_BATCH
+            or batch_documents >= DOCUMENT_BATCH
+            or batch_chars >= BATCH_CONTENT_CHARS
+        ):
             flush()
-            batch_documents = 0
+            batch_documents = batch_chars = 0
     if batch:
         flush()
     return _Stored(count, documents)

@@ -86,6 +86,7 @@ class Request(Base):
     enqueued_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # Large values (results_json here, document.content) use lz4 on PostgreSQL (migration 0005).
     results_json: Mapped[str | None] = mapped_column(Text)
     total_tokens: Mapped[int] = mapped_column(Integer, default=0)
     # Documents whose score came from the cache, and the tokens their calls had cost.
