@@ -215,6 +215,9 @@ def write_requests(path: Path, count: int, docs: int, seed: int = 1) -> None:
             out.write("\n")
 
 
+IMAGES_PER_REQUEST = 10
+
+
 def write_image_requests(path: Path, count: int, docs: int, image_kb: int) -> None:
     """Requests whose documents are base64 images of about `image_kb` KB each (random bytes,
     which compress no better than real pictures do)."""
@@ -456,9 +459,6 @@ def bench_ingest(
                 image_requests * IMAGES_PER_REQUEST, images,
             ),
         ]  # fmt: skip
-
-
-IMAGES_PER_REQUEST = 10
 
 
 # Ten results per request, indexes spread over 100 documents, scores descending; it refers
