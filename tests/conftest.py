@@ -86,15 +86,25 @@ def _postgres_database() -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def _sqlite_database(directory: Path) -> str:
+    url = f"sqlite:///{directory / 'rerank.db'}"
+    migrate.upgrade(url)
+    return url
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """Each test that uses it runs on SQLite and on PostgreSQL."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'rerank.db'}"
-        migrate.upgrade(url)
-        yield url
+        yield _sqlite_database(tmp_path)
     else:
         yield from _postgres_database()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A migrated SQLite database of the test's own."""
+    return _sqlite_database(tmp_path)
 
 
 @pytest.fixture

@@ -6,13 +6,11 @@ from __future__ import annotations
 import itertools
 import queue
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from conftest import api_keys
 from pydantic import SecretStr
 
-from worker.db import migrate
 from worker.domain import RequestOutcome, RequestWork
 from worker.runtime import Engine
 from worker.settings import Settings
@@ -34,17 +32,15 @@ def work(query: str) -> RequestWork:
 
 
 @pytest.fixture
-def engine(redis_url: str, standin: ThreadedStandin, tmp_path: Path) -> Iterator[Engine]:
+def engine(redis_url: str, standin: ThreadedStandin, sqlite_url: str) -> Iterator[Engine]:
     """An engine with a database of its own for the epoch witness: with the default data
     directory, an epoch kept by one test would make the next (whose Redis is emptied) see
     lost state and wait out a quarantine."""
-    database_url = f"sqlite:///{tmp_path / 'rerank.db'}"
-    migrate.upgrade(database_url)
     settings = Settings(
         api_keys=SecretStr(api_keys(alpha=2, beta=2)),
         api_base=standin.base_url,
         redis_url=redis_url,
-        database_url=database_url,
+        database_url=sqlite_url,
     )
     made = Engine(settings)
     yield made

@@ -25,7 +25,6 @@ from pydantic import SecretStr
 from sqlalchemy import text
 
 from worker import constants, redis_clients
-from worker.db import migrate
 from worker.db.session import get_engine
 from worker.runtime import SqlEpochWitness
 from worker.settings import ApiKey
@@ -343,16 +342,17 @@ def test_key_pool_after_redis_restarted_with_its_data_keeps_leases_and_needs_no_
 
 
 def test_key_pool_new_after_redis_lost_its_state_still_respects_slots_taken_before(
-    own_redis: OwnRedis, tmp_path: Path
+    own_redis: OwnRedis, sqlite_url: str
 ) -> None:
     """A worker that acquires for the first time after an empty restart finds no epoch in
     Redis. The database's witness tells it the epoch before, so it waits out the quarantine:
     A's two calls, still inside their lease, are not joined by a third on alpha@2."""
-    url = f"sqlite:///{tmp_path / 'witness.db'}"
-    migrate.upgrade(url)
     seen = asyncio.run(
         second_pool_waits_for_the_holder(
-            own_redis, persist=False, other_acquired_before=False, witness=SqlEpochWitness(url)
+            own_redis,
+            persist=False,
+            other_acquired_before=False,
+            witness=SqlEpochWitness(sqlite_url),
         )
     )
     assert seen["peak"] <= 2, f"{seen['peak']} slots of alpha@2 in use at once"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +19,6 @@ from sqlalchemy.orm import Session
 
 from worker import constants
 from worker import pipeline as pipeline_module
-from worker.db import migrate
 from worker.domain import RequestOutcome, RequestWork
 from worker.pipeline import Pipeline
 from worker.settings import Settings
@@ -77,16 +75,14 @@ class Task(threading.Thread):
 
 
 @pytest.fixture
-def make_pipeline(tmp_path: Path) -> Iterator[Callable[..., tuple[Pipeline, HeldEngine]]]:
-    url = f"sqlite:///{tmp_path / 'rerank.db'}"
-    migrate.upgrade(url)
+def make_pipeline(sqlite_url: str) -> Iterator[Callable[..., tuple[Pipeline, HeldEngine]]]:
     made: list[tuple[Pipeline, HeldEngine]] = []
 
     def build(max_backlog: int, **lookout: Any) -> tuple[Pipeline, HeldEngine]:
         engine = HeldEngine()
         pipeline = Pipeline(
             engine,  # type: ignore[arg-type]
-            Settings(database_url=url),
+            Settings(database_url=sqlite_url),
             max_backlog=max_backlog,
             **lookout,
         )
