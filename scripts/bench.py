@@ -206,13 +206,20 @@ class Sampler:
         return round(sum(self.samples) / len(self.samples), 1) if self.samples else 0.0
 
 
-def write_requests(path: Path, count: int, docs: int, seed: int = 1) -> None:
-    rng = random.Random(seed)
+def write_request_lines(path: Path, count: int, documents: Callable[[int], list[Any]]) -> None:
+    """A requests file of `count` lines; `documents(i)` gives line i's documents."""
     with path.open("w") as out:
         for i in range(count):
-            documents = [f"doc {j} of {i}: {rng.random():.8f}" for j in range(docs)]
-            out.write(json.dumps({"custom_id": f"r{i}", "query": f"q {i}", "documents": documents}))
+            request = {"custom_id": f"r{i}", "query": f"q {i}", "documents": documents(i)}
+            out.write(json.dumps(request))
             out.write("\n")
+
+
+def write_requests(path: Path, count: int, docs: int, seed: int = 1) -> None:
+    rng = random.Random(seed)
+    write_request_lines(
+        path, count, lambda i: [f"doc {j} of {i}: {rng.random():.8f}" for j in range(docs)]
+    )
 
 
 IMAGES_PER_REQUEST = 10
@@ -222,11 +229,11 @@ def write_image_requests(path: Path, count: int, docs: int, image_kb: int) -> No
     """Requests whose documents are base64 images of about `image_kb` KB each (random bytes,
     which compress no better than real pictures do)."""
     picture = base64.b64encode(random.Random(2).randbytes(image_kb * 768)).decode()
-    with path.open("w") as out:
-        for i in range(count):
-            images = [{"image": f"data:image/png;base64,{i}x{j}{picture}"} for j in range(docs)]
-            out.write(json.dumps({"custom_id": f"r{i}", "query": f"q {i}", "documents": images}))
-            out.write("\n")
+    write_request_lines(
+        path,
+        count,
+        lambda i: [{"image": f"data:image/png;base64,{i}x{j}{picture}"} for j in range(docs)],
+    )
 
 
 def cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
