@@ -328,6 +328,7 @@ def bench_throughput(requests: int, docs: int, worker_args: list[str]) -> list[R
     """
     with services() as svc:
         env = svc.env()
+        settings = database_settings(env)
         path = svc.workdir / "requests.jsonl"
         write_requests(path, requests, docs)
         with worker(env, *worker_args) as process:
@@ -341,12 +342,12 @@ def bench_throughput(requests: int, docs: int, worker_args: list[str]) -> list[R
                 Sampler(lambda: svc.stats()["total"]["in_flight"]) as in_flight,
                 Sampler(lambda: rss_mb(process.pid), every_s=0.5) as rss,
             ):
-                status = wait_job(database_settings(env), job_id)
+                status = wait_job(settings, job_id)
             elapsed_s = time.monotonic() - started
             cpu = cpu_s(process.pid) - cpu_before
             standin_cpu = cpu_s(svc.standin.pid) - standin_cpu_before
             rss_end = rss_mb(process.pid)
-            first_call_s = first_call_after_ms(database_settings(env), job_id, submitted_at) / 1000
+            first_call_s = first_call_after_ms(settings, job_id, submitted_at) / 1000
         calls = svc.stats()["total"]["ok"]
     rss_mid = rss.samples[len(rss.samples) // 2] if rss.samples else rss_start
     rss_max = max([rss_start, rss_end, *rss.samples])
