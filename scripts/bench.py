@@ -281,7 +281,7 @@ def wait_job(
     """Poll the job's row in SQL from this process, then read its whole status once it
     ended. Not a CLI per poll (that would eat a core), nor the request counts that `wait`
     shows (6.5 ms of the measured database's time at each poll, for 8,000 requests)."""
-    from worker.service import job_status
+    from worker.service.read import job_status
 
     maker = get_sessionmaker(settings.sqlalchemy_url())
 
@@ -554,7 +554,7 @@ def interactive_line(sample: int) -> bytes:
 
 def first_call_after_ms(settings: Settings, job_id: str, submitted_at: dt.datetime) -> float:
     """From submit to the start of the job's first upstream call (wall clocks, one host)."""
-    from worker.service import sessions
+    from worker.service.scope import sessions
 
     with sessions(settings)() as session:
         started = session.scalar(
@@ -567,13 +567,13 @@ def first_call_after_ms(settings: Settings, job_id: str, submitted_at: dt.dateti
 
 def time_interactive(settings: Settings, sample: int) -> tuple[float, float]:
     """Submit one one-request interactive job; (ms until completed, ms until its call)."""
-    from worker.service import submit_job
+    from worker.service.submit import JobOptions, submit_job
 
     submitted_at = utcnow()
     started = time.monotonic()
     job = submit_job(
-        [interactive_line(sample)], source="bench-interactive", priority="interactive",
-        settings=settings,
+        [interactive_line(sample)], source="bench-interactive",
+        options=JobOptions(priority="interactive"), settings=settings,
     )  # fmt: skip
     status = wait_job(settings, job.job_id, timeout_s=60, every_s=POLL_S)
     elapsed_ms = (time.monotonic() - started) * 1000
@@ -583,22 +583,22 @@ def time_interactive(settings: Settings, sample: int) -> tuple[float, float]:
 
 
 def submit_bulk(settings: Settings, path: Path) -> str:
-    from worker.service import submit_job
+    from worker.service.submit import submit_job
 
     with path.open("rb") as lines:
-        return submit_job(lines, source=str(path), priority="bulk", settings=settings).job_id
+        return submit_job(lines, source=str(path), settings=settings).job_id
 
 
 def bench_interactive(bulk_requests: int, samples: int, docs: int) -> list[Row]:
     """Interactive submit-to-completed latency while one worker is saturated by bulk.
 
     Once the keys are full, one-request interactive jobs are submitted one at a time with
-    `worker.service.submit_job` in this process (no CLI start-up), each timed until
+    `worker.service.submit.submit_job` in this process (no CLI start-up), each timed until
     `job_status` says `completed` (polled every 10 ms). Publishing from this process ties
     its Celery app to this target's broker: the target runs once per bench process.
     """
     latency_ms = LATENCY_MS
-    from worker.service import job_status
+    from worker.service.read import job_status
 
     with services(latency_ms) as svc:
         env = svc.env()

@@ -37,10 +37,11 @@ from typing import Any
 import redis
 from sqlalchemy import func, select
 
-from worker import catalog, constants, service
+from worker import catalog, constants
 from worker.db.models import Request, UpstreamCall
 from worker.db.session import get_engine
 from worker.embedded import find_redis_server
+from worker.service import read
 from worker.settings import Settings
 from worker.standin import StandinConfig, run_in_thread
 from worker.standin.scoring import rank
@@ -464,7 +465,7 @@ def wait_for_job(
     while True:
         if chaos.error is not None:
             raise RuntimeError("the fault thread failed") from chaos.error
-        info = service.job_status(job_id, settings)
+        info = read.job_status(job_id, settings)
         if info["status"] in ENDED or time.monotonic() > deadline:
             return info
         if time.monotonic() >= next_progress:

@@ -156,24 +156,22 @@ def submit(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Validate the whole file, store the job and enqueue it; prints the job id last."""
-    from worker import service
+    from worker.service.submit import JobOptions, submit_job
 
     with _errors():
         settings = _settings()
         settings.require_keys()
+        options = JobOptions(
+            query=query,
+            model=model,
+            top_n=top_n,
+            priority=priority,
+            idempotency_key=idempotency_key,
+            use_cache=use_cache,
+        )
         stream, source = _open_lines(file)
         with stream:
-            result = service.submit_job(
-                stream,
-                source=source,
-                query=query,
-                model=model,
-                top_n=top_n,
-                priority=priority,
-                idempotency_key=idempotency_key,
-                use_cache=use_cache,
-                settings=settings,
-            )
+            result = submit_job(stream, source=source, options=options, settings=settings)
         for warning in result.warnings:
             err.print(f"[yellow]warning:[/] {escape(warning)}")
         if not result.enqueued:
@@ -206,10 +204,10 @@ def submit(
 @app.command()
 def status(job: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Status, counts and usage of a job."""
-    from worker import service
+    from worker.service import read
 
     with _errors():
-        info = service.job_status(job, _settings())
+        info = read.job_status(job, _settings())
     if as_json:
         _print_json(info)
         return
@@ -240,10 +238,10 @@ def jobs(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """List jobs, newest first."""
-    from worker import service
+    from worker.service import read
 
     with _errors():
-        rows = service.list_jobs(status_, limit, _settings())
+        rows = read.list_jobs(status_, limit, _settings())
     if as_json:
         _print_json(rows)
         return
@@ -258,10 +256,10 @@ def jobs(
 
 def _wait(job_id: str, timeout_s: float | None, settings: Settings) -> bool:
     """Show progress until the job ends; True when it completed."""
-    from worker import service
+    from worker.service import read
 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    info = service.job_progress(job_id, settings)
+    info = read.job_progress(job_id, settings)
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -283,7 +281,7 @@ def _wait(job_id: str, timeout_s: float | None, settings: Settings) -> bool:
                 fail(f"job {job_id} still {info['status']} after {timeout_s:g}s")
             time.sleep(interval_s)
             asked_at = time.monotonic()
-            info = service.job_progress(job_id, settings)
+            info = read.job_progress(job_id, settings)
             # A huge job's counts take a while: keep polling under a tenth of the database.
             interval_s = max(WAIT_POLL_S, 10 * (time.monotonic() - asked_at))
     err.print(
@@ -307,15 +305,15 @@ def results(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write to a file.")] = None,
 ) -> None:
     """JSON Lines, one per request in input order."""
-    from worker import service
+    from worker.service import read
 
     with _errors():
         settings = _settings()
         if output is None:
-            service.write_results(job, sys.stdout, settings)
+            read.write_results(job, sys.stdout, settings)
             return
         with output.open("w", encoding="utf-8") as handle:
-            count = service.write_results(job, handle, settings)
+            count = read.write_results(job, handle, settings)
         err.print(f"{count} lines written to {output}")
 
 
@@ -325,10 +323,10 @@ def usage(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Tokens, upstream calls and cost, per key NAME and model."""
-    from worker import service
+    from worker.service.usage import usage_report
 
     with _errors():
-        report = service.usage_report(job, _settings())
+        report = usage_report(job, _settings())
     if as_json:
         _print_json(report)
         return
@@ -354,10 +352,10 @@ def usage(
 @app.command()
 def cancel(job: str) -> None:
     """No further upstream calls for the job; finished results stay."""
-    from worker import service
+    from worker.service.control import cancel_job
 
     with _errors():
-        changed = service.cancel_job(job, _settings())
+        changed = cancel_job(job, _settings())
     out.print(f"job {job} cancelled" if changed else f"job {job} had already ended")
 
 

@@ -14,8 +14,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from worker import errors, service
+from worker import errors
 from worker.schema import ensure_schema
+from worker.service import read, submit, usage
 from worker.settings import get_settings
 from worker.standin import StandinConfig, run_in_thread
 
@@ -48,7 +49,7 @@ def _ranked_table(job_id: str, example: Path) -> Table:
     queries = {r["custom_id"]: r["query"] for r in requests}
     table = Table("request", "rank", "score", "document", title=f"job {job_id}")
     buffer = io.StringIO()
-    service.write_results(job_id, buffer)
+    read.write_results(job_id, buffer)
     for line in buffer.getvalue().splitlines():
         row = json.loads(line)
         custom_id = row["custom_id"]
@@ -88,15 +89,15 @@ def run(out: Console, err: Console, *, latency_ms: float) -> None:
             )
         example = example_path()
         with example.open("rb") as stream:
-            result = service.submit_job(stream, source=str(example), settings=settings)
+            result = submit.submit_job(stream, source=str(example), settings=settings)
         err.print(f"job {result.job_id}: {result.total_requests} requests from {example.name}")
         if not _wait(result.job_id, 120, settings):
             raise errors.RerankError(f"the demo job did not complete; see {log_path}")
         out.print(_ranked_table(result.job_id, example))
-        usage = service.usage_report(result.job_id, settings)
+        report = usage.usage_report(result.job_id, settings)
         out.print(
-            f"usage: {usage['total_tokens']} tokens in {usage['calls']} calls, "
-            f"cost {usage['cost']:.8f} PTC (stand-in prices as jina-reranker-m0)"
+            f"usage: {report['total_tokens']} tokens in {report['calls']} calls, "
+            f"cost {report['cost']:.8f} PTC (stand-in prices as jina-reranker-m0)"
         )
         out.print(f"try: rerank-worker results {result.job_id}")
     finally:

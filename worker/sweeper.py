@@ -16,7 +16,7 @@ from worker.db import repository
 from worker.db.base import utcnow
 from worker.db.session import in_transaction
 from worker.redis_clients import redis_url, sync_redis
-from worker.service import publish
+from worker.service.submit import publish
 from worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)

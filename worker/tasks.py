@@ -6,14 +6,15 @@ from typing import Any
 
 from celery import signals
 
-from worker import constants, pipeline, service, sweeper
+from worker import constants, pipeline, sweeper
 from worker.celery_app import app
+from worker.service import run
 from worker.settings import get_settings
 
 
 @app.task(name=constants.RUN_REQUESTS_TASK, ignore_result=True)
 def run_requests(request_ids: list[int]) -> int:
-    return service.run_requests(request_ids)
+    return run.run_requests(request_ids)
 
 
 @signals.worker_ready.connect

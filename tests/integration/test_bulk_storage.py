@@ -16,12 +16,14 @@ from jobs_support import submit, write_jsonl
 from sqlalchemy import event, text, update
 from sqlalchemy.orm import Session
 
-from worker import constants, errors, ingest, service
+from worker import constants, errors, ingest
 from worker.db import repository
 from worker.db.base import utcnow
 from worker.db.models import Job, JobStatus, Request, RequestStatus
 from worker.db.session import get_engine, get_sessionmaker
 from worker.domain import RequestOutcome
+from worker.service import read
+from worker.service import submit as submit_use_case
 from worker.settings import Settings
 
 CORPUS_DOCUMENTS = 12_000
@@ -95,7 +97,7 @@ def test_an_error_raised_while_documents_stream_propagates_and_stores_nothing(
 def test_large_documents_are_stored_in_batches_bounded_by_their_size(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(service, "BATCH_CONTENT_CHARS", 10_000)
+    monkeypatch.setattr(submit_use_case, "BATCH_CONTENT_CHARS", 10_000)
     batches: list[int] = []
     insert_requests = repository.insert_requests
 
@@ -113,7 +115,7 @@ def test_large_documents_are_stored_in_batches_bounded_by_their_size(
         session.add(Job(id="images", status=JobStatus.QUEUED, priority="bulk"))
         session.flush()
         requests = ingest.iter_requests(lines, default_model="jina-reranker-m0")
-        stored = service._store_requests(session, "images", requests, [], None)
+        stored = submit_use_case._store_requests(session, "images", requests, [], None)
     # A request holds some 6,000 characters of documents: two of them fill a batch.
     assert batches == [2, 2, 2, 2, 1]
     assert (stored.requests, stored.documents) == (9, 18)
@@ -128,8 +130,11 @@ def test_a_bad_line_late_in_a_corpus_names_it_and_stores_no_job(database_url: st
     lines = [json.dumps({"id": i, "text": f"doc {i}"}).encode() for i in range(CORPUS_DOCUMENTS)]
     lines += [b'{"id": "x", "text": ""}', b'"after the bad line"']
     with pytest.raises(errors.InputError) as caught:
-        service.submit_job(
-            iter(lines), source="corpus", query="q", settings=Settings(database_url=database_url)
+        submit_use_case.submit_job(
+            iter(lines),
+            source="corpus",
+            options=submit_use_case.JobOptions(query="q"),
+            settings=Settings(database_url=database_url),
         )
     assert (caught.value.line, caught.value.field) == (CORPUS_DOCUMENTS + 1, "text")
     assert table_counts(database_url) == {"job": 0, "request": 0, "document": 0}
@@ -179,7 +184,7 @@ def test_write_results_writes_one_line_per_request_in_input_order(database_url: 
         job_id, _ = new_job(session, 7)
         finish(session, job_id)
     out = io.StringIO()
-    count = service.write_results(job_id, out, Settings(database_url=database_url))
+    count = read.write_results(job_id, out, Settings(database_url=database_url))
     lines: list[dict[str, Any]] = [json.loads(line) for line in out.getvalue().splitlines()]
     assert count == len(lines) == 7
     assert [line["custom_id"] for line in lines] == [f"r-{i}" for i in range(7)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -10,6 +11,13 @@ from sqlalchemy import text
 from worker.db import migrate
 from worker.db.models import Base
 from worker.db.session import get_engine
+
+# SQLite's reflection cannot see expression indexes (job's per-tenant idempotency key);
+# migration 0006 writes that one by hand, and PostgreSQL compares it.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Skipped unsupported reflection of expression-based index"),
+    pytest.mark.filterwarnings("ignore:autogenerate skipping metadata-specified expression-based"),
+]
 
 
 def schema_differences(url: str) -> list[object]:
@@ -45,7 +53,7 @@ def test_large_values_are_compressed_with_lz4_on_postgresql(postgres_url: str) -
     lz4 = {"document.content": "l", "request.results_json": "l"}
     assert compression(postgres_url) == lz4
     config = migrate.alembic_config(postgres_url)
-    command.downgrade(config, "-1")
+    command.downgrade(config, "0004")
     assert compression(postgres_url) == {name: "" for name in lz4}
     command.upgrade(config, "head")
     assert compression(postgres_url) == lz4

@@ -10,7 +10,7 @@ from typing import Any
 from conftest import Env, wait_for
 from jobs_support import submit, write_jsonl
 
-from worker import service
+from worker.service import read, usage
 from worker.standin import ThreadedStandin
 from worker.standin.scoring import rank
 
@@ -48,7 +48,7 @@ def expected_ranking(documents: list[Any], top_n: int) -> list[dict[str, Any]]:
 def finished(job_id: str) -> dict[str, Any]:
     """Poll the job in this process (the CLI's own start-up would dominate these tests)."""
     status = wait_for(
-        lambda: (s := service.job_status(job_id))["status"] in ("completed", "failed") and s,
+        lambda: (s := read.job_status(job_id))["status"] in ("completed", "failed") and s,
         120,
         f"job {job_id} to end",
     )
@@ -60,9 +60,9 @@ def run_corpus(env: Env, path: Path, *args: str) -> dict[str, Any]:
     job_id = submit(env, path, "--query", QUERY, "--top-n", "10", *args)
     finished(job_id)
     out = io.StringIO()
-    service.write_results(job_id, out)
+    read.write_results(job_id, out)
     (line,) = [json.loads(text) for text in out.getvalue().splitlines()]
-    return {"results": line["results"], "usage": service.usage_report(job_id)}
+    return {"results": line["results"], "usage": usage.usage_report(job_id)}
 
 
 def scored(standin: ThreadedStandin) -> tuple[int, int]:

@@ -6,6 +6,7 @@ import datetime as dt
 import enum
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Float,
     ForeignKey,
@@ -16,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    func,
     true,
 )
 from sqlalchemy.orm import Mapped, mapped_column
@@ -43,6 +45,26 @@ JOB_ENDED = (JobStatus.COMPLETED, JobStatus.CANCELLED, JobStatus.FAILED)
 REQUEST_PENDING = (RequestStatus.QUEUED, RequestStatus.RUNNING)
 
 
+class Tenant(Base):
+    """Another service that calls the HTTP API with a token of its own.
+
+    Only a hash of the token is kept; `token_prefix`, the token's first characters after its
+    fixed `rrw_` head, finds the row, and the hash is then compared in constant time. The
+    webhook secret signs this tenant's webhooks, so it is kept as it is.
+    """
+
+    __tablename__ = "tenant"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    token_prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(64))
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    webhook_secret: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
 class Job(Base):
     __tablename__ = "job"
 
@@ -50,7 +72,15 @@ class Job(Base):
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, index=True)
     priority: Mapped[str] = mapped_column(String(16))
     source: Mapped[str | None] = mapped_column(String(500))
-    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    # None for the CLI's jobs.
+    tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenant.id"), index=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    # Told when the job ends: a URL to POST a signed webhook to, a Celery task to send.
+    webhook_url: Mapped[str | None] = mapped_column(String(2000))
+    on_complete: Mapped[str | None] = mapped_column(String(200))
+    # Caps on what the job may bill (tokens; cost in the price table's currency).
+    max_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    max_cost: Mapped[float | None] = mapped_column(Numeric(18, 9, asdecimal=False))
     total_requests: Mapped[int] = mapped_column(Integer, default=0)
     # Pointwise scores may come from (and go to) the score cache; off per job on request.
     use_cache: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
@@ -59,6 +89,16 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+# An idempotency key is a tenant's own: another tenant's equal key is another job. The CLI's
+# jobs (no tenant) share one namespace.
+Index(
+    "uq_job_tenant_idempotency_key",
+    func.coalesce(Job.tenant_id, 0),
+    Job.idempotency_key,
+    unique=True,
+)
 
 
 class Request(Base):

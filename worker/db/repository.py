@@ -100,16 +100,21 @@ class UsageRow:
     currency: str | None
 
 
-def find_job_by_idempotency_key(session: Session, key: str) -> Job | None:
-    return session.scalar(select(Job).where(Job.idempotency_key == key))
+def find_job_by_idempotency_key(session: Session, tenant_id: int | None, key: str) -> Job | None:
+    """The job of this tenant's (or, with None, the CLI's) idempotency key."""
+    owner = Job.tenant_id.is_(None) if tenant_id is None else Job.tenant_id == tenant_id
+    return session.scalar(select(Job).where(owner, Job.idempotency_key == key))
 
 
 def get_job(session: Session, job_id: str) -> Job | None:
     return session.get(Job, job_id)
 
 
-def list_jobs(session: Session, *, status: str | None, limit: int) -> Sequence[Job]:
-    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+def list_jobs(
+    session: Session, *, visible: ColumnElement[bool], status: str | None, limit: int
+) -> Sequence[Job]:
+    """Newest first, among the jobs `visible` (a WHERE clause on `job`) keeps."""
+    query = select(Job).where(visible).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
     if status:
         query = query.where(Job.status == status)
     return session.scalars(query).all()
@@ -584,7 +589,11 @@ def iter_results(
     yield from result.partitions()
 
 
-def usage(session: Session, job_id: str | None) -> list[UsageRow]:
+def usage(
+    session: Session, job_id: str | None, visible: ColumnElement[bool] | None = None
+) -> list[UsageRow]:
+    """Per key and model, over one job or over the jobs `visible` (a WHERE clause on `job`)
+    keeps; every job when both are None."""
     billed = case((UpstreamCall.outcome == "ok", 1), else_=0)
     query = (
         select(
@@ -607,6 +616,8 @@ def usage(session: Session, job_id: str | None) -> list[UsageRow]:
     )
     if job_id:
         query = query.where(UpstreamCall.job_id == job_id)
+    elif visible is not None:
+        query = query.where(UpstreamCall.job_id.in_(select(Job.id).where(visible)))
     return [
         UsageRow(
             key_name=key,
@@ -631,8 +642,11 @@ class CacheSavings:
     currency: str | None
 
 
-def cache_savings(session: Session, job_id: str | None) -> list[CacheSavings]:
-    """Score-cache hits of succeeded requests, per model, and the tokens and cost saved."""
+def cache_savings(
+    session: Session, job_id: str | None, visible: ColumnElement[bool] | None = None
+) -> list[CacheSavings]:
+    """Score-cache hits of succeeded requests, per model, and the tokens and cost saved
+    (over one job, or the jobs `visible` keeps, as in `usage`)."""
     query = (
         select(
             Request.model,
@@ -649,6 +663,8 @@ def cache_savings(session: Session, job_id: str | None) -> list[CacheSavings]:
     )
     if job_id:
         query = query.where(Request.job_id == job_id)
+    elif visible is not None:
+        query = query.where(Request.job_id.in_(select(Job.id).where(visible)))
     return [
         CacheSavings(
             model=model,
