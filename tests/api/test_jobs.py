@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ApiServer
-from jobs_support import expected_results, make_requests, write_jsonl
+from conftest import ApiServer, wait_for
+from jobs_support import assert_no_secret, expected_results, make_requests, write_jsonl
 from sqlalchemy import func, select
 
 from worker.db.models import Document, Job, Request
@@ -75,6 +77,7 @@ def test_a_job_posted_over_http_runs_and_its_results_match_the_cli(
     tenant_usage = env.cli("usage", "--tenant", "acme", "--json")
     assert json.loads(tenant_usage.stdout)["total_tokens"] == usage["total_tokens"]
     assert env.cli("usage", "--tenant", "nobody").returncode == 2
+    assert_no_secret(made.text, waited.text, answer.text, json.dumps(usage), api_server.log())
 
 
 def test_jobs_are_scoped_to_their_tenant_and_admins_see_all(
@@ -194,7 +197,7 @@ def test_each_bad_input_answers_its_line_and_field_and_stores_nothing(
 def test_a_large_corpus_streams_in_and_its_results_stream_out(api_server: ApiServer) -> None:
     documents = 200_000
 
-    def body() -> object:
+    def body() -> Iterator[bytes]:
         for start in range(0, documents, 10_000):
             yield "".join(
                 json.dumps({"text": f"document {i} of the corpus, word {i * 7919 % 10007}"}) + "\n"
@@ -239,3 +242,31 @@ def test_wait_holds_the_answer_until_the_job_ends_or_the_time_is_up(
         ended = client.get(f"/v1/jobs/{job['id']}", params={"wait": 60})
     assert ended.json()["status"] == "completed"
     assert time.monotonic() - started < 50
+
+
+def test_a_body_cut_short_by_the_client_stores_nothing(api_server: ApiServer) -> None:
+    host, port = api_server.base_url.removeprefix("http://").split(":")
+    lines = ndjson(make_requests(50))
+    head = (
+        "POST /v1/jobs HTTP/1.1\r\nHost: api\r\n"
+        f"Authorization: Bearer {api_server.tokens['acme']}\r\n"
+        f"Content-Type: application/x-ndjson\r\nContent-Length: {len(lines) * 10}\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(head.encode() + lines)
+    wait_for(lambda: "action=upload_incomplete" in api_server.log(), 30, "the API to see the cut")
+    assert row_counts() == (0, 0, 0)
+    with api_server.client("acme") as client:
+        assert client.get("/v1/jobs").json() == {"data": []}
+
+
+def test_several_api_processes_serve_one_database(
+    api_server: ApiServer, start_api: Callable[..., ApiServer]
+) -> None:
+    second = start_api(api_server.env, workers=2, drop=("RERANK_API_KEYS",))
+    second.tokens = api_server.tokens
+    with api_server.client("acme") as one, second.client("acme") as other:
+        made = one.post("/v1/jobs", content=ndjson(make_requests(2)), headers=NDJSON).json()
+        for _ in range(6):
+            assert other.get(f"/v1/jobs/{made['id']}").json()["id"] == made["id"]
+    assert second.log().count("Started server process") == 2
