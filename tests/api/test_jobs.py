@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import ApiServer, wait_for
 from jobs_support import assert_no_secret, expected_results, make_requests, write_jsonl
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from worker.db.models import Document, Job, Request
 from worker.db.session import get_sessionmaker
@@ -270,3 +272,43 @@ def test_several_api_processes_serve_one_database(
         for _ in range(6):
             assert other.get(f"/v1/jobs/{made['id']}").json()["id"] == made["id"]
     assert second.log().count("Started server process") == 2
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_one_key_sent_twice_at_once_makes_one_job(api_server: ApiServer) -> None:
+    """The second submit waits on the first's row for the key, then answers its job."""
+    release = threading.Event()
+    lines = ndjson(make_requests(4)).splitlines(keepends=True)
+
+    def slow_body() -> Iterator[bytes]:
+        yield lines[0]
+        release.wait(60)
+        yield from lines[1:]
+
+    answers: dict[str, httpx.Response] = {}
+    headers = {**NDJSON, "Idempotency-Key": "at-once"}
+
+    def post(name: str, body: object) -> None:
+        with api_server.client("acme") as client:
+            answers[name] = client.post("/v1/jobs", content=body, headers=headers)  # type: ignore[arg-type]
+
+    first = threading.Thread(target=post, args=("first", slow_body()))
+    first.start()
+    wait_for(lambda: _sessions("state = 'idle in transaction'"), 30, "the first job's row")
+    second = threading.Thread(target=post, args=("second", b"".join(lines)))
+    second.start()
+    wait_for(lambda: _sessions("wait_event_type = 'Lock'"), 30, "the second to wait on the key")
+    release.set()
+    first.join(60)
+    second.join(60)
+    assert answers["first"].status_code == 201, answers["first"].text
+    assert answers["second"].status_code == 200, answers["second"].text
+    assert answers["second"].json()["id"] == answers["first"].json()["id"]
+    assert row_counts()[:2] == (1, 4)
+
+
+def _sessions(where: str) -> int:
+    """PostgreSQL sessions on the test's database in that state."""
+    query = f"SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND {where}"
+    with get_sessionmaker(get_settings().sqlalchemy_url())() as session:
+        return int(session.scalar(text(query)) or 0)
