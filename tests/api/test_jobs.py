@@ -321,3 +321,21 @@ def _sessions(where: str) -> int:
     query = f"SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND {where}"
     with get_sessionmaker(get_settings().sqlalchemy_url())() as session:
         return int(session.scalar(text(query)) or 0)
+
+
+def test_a_large_body_refused_for_a_parameter_still_gets_its_answer(
+    api_server: ApiServer,
+) -> None:
+    """Refused before its first line was read: the server reads and drops the rest, or the
+    client, still sending, would see a connection reset instead of its 400."""
+    line = json.dumps({"query": "q", "documents": ["x" * 1000] * 30}).encode() + b"\n"
+    body = line * 1000  # 30 MB: more than the socket buffers hold before the answer
+    with api_server.client("acme") as client:
+        for params, headers in [
+            ({"top_n": "0"}, NDJSON),
+            ({"priority": "bulk", "query": " "}, NDJSON),
+            ({}, {"Content-Type": "text/csv"}),
+        ]:
+            answer = client.post("/v1/jobs", content=body, params=params, headers=headers)
+            assert answer.status_code in (400, 415), answer.text
+    assert row_counts() == (0, 0, 0)
