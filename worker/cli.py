@@ -28,6 +28,10 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+prices_app = typer.Typer(
+    help="The price table (cost in usage, status and budgets).", no_args_is_help=True
+)
+app.add_typer(prices_app, name="prices")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
@@ -152,6 +156,13 @@ def submit(
     use_cache: Annotated[
         bool, typer.Option("--cache/--no-cache", help="Reuse and keep scores already paid for.")
     ] = True,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", help="Cap on the tokens the job may bill.")
+    ] = None,
+    max_cost: Annotated[
+        float | None,
+        typer.Option("--max-cost", help="Cap on the job's cost, in the price table's currency."),
+    ] = None,
     wait_: Annotated[bool, typer.Option("--wait", help="Wait until the job ends.")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -168,6 +179,8 @@ def submit(
             priority=priority,
             idempotency_key=idempotency_key,
             use_cache=use_cache,
+            max_tokens=max_tokens,
+            max_cost=max_cost,
         )
         stream, source = _open_lines(file)
         with stream:
@@ -221,6 +234,19 @@ def status(job: str, as_json: Annotated[bool, typer.Option("--json")] = False) -
         f"usage: {usage['total_tokens']} tokens, {usage['calls']} upstream calls, "
         f"cost {usage['cost']:.6f}"
     )
+    for note in usage["notes"]:
+        out.print(f"[yellow]note:[/] {escape(note)}")
+    budget = info["budget"]
+    if budget["max_tokens"] is not None or budget["max_cost"] is not None:
+        caps = [
+            f"{label} {spent} of {cap}"
+            for label, spent, cap in (
+                ("tokens", budget["spent_tokens"], budget["max_tokens"]),
+                ("cost", f"{budget['spent_cost']:.6f}", budget["max_cost"]),
+            )
+            if cap is not None
+        ]
+        out.print(f"budget: {', '.join(caps)}")
     cache = info["cache"]
     if cache["hits"]:
         out.print(
@@ -342,6 +368,8 @@ def usage(
         str(report["total_tokens"]), f"{report['cost']:.6f}",
     )  # fmt: skip
     out.print(table)
+    for note in report["notes"]:
+        out.print(f"[yellow]note:[/] {escape(note)}")
     cache = report["cache"]
     out.print(
         f"score cache: {cache['hits']} hits ({cache['hit_rate']:.1%} of documents), "
@@ -368,6 +396,49 @@ def demo(
 
     with _errors():
         demo_module.run(out, err, latency_ms=latency_ms)
+
+
+@prices_app.command("list")
+def prices_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Every model's price."""
+    from worker.service.prices import list_prices
+
+    with _errors():
+        rows = list_prices(_settings())
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("model", "per million tokens", "per search unit", "currency")
+    for row in rows:
+        table.add_row(
+            row["model"],
+            _price_text(row["price_per_million_tokens"]),
+            _price_text(row["price_per_search_unit"]),
+            row["currency"],
+        )
+    out.print(table)
+
+
+def _price_text(price: float | None) -> str:
+    return "-" if price is None else f"{price:g}"
+
+
+@prices_app.command("set")
+def prices_set(
+    model: str,
+    price: float,
+    per: Annotated[
+        str, typer.Option("--per", help="million_tokens or search_unit.")
+    ] = "million_tokens",
+    currency: Annotated[str | None, typer.Option("--currency")] = None,
+) -> None:
+    """Set a model's price per million tokens (or per search unit)."""
+    from worker.service.prices import set_price
+
+    with _errors():
+        row = set_price(model, price, per=per, currency=currency, settings=_settings())
+    unit = "million tokens" if per == "million_tokens" else "search unit"
+    out.print(f"{row['model']}: {price:g} {row['currency']} per {unit}")
 
 
 def main() -> None:

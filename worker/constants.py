@@ -67,3 +67,6 @@ INTERACTIVE_WAITERS_KEY = REDIS_PREFIX + "interactive-waiting"
 SWEEPER_LOCK_KEY = REDIS_PREFIX + "sweeper-lock"
 
 CANCEL_MARK_TTL_S = 7 * 24 * 3600
+# A job's budget hash (spent and reserved tokens and cost) outlives its last call by this.
+BUDGET_KEY = REDIS_PREFIX + "budget:{job_id}"
+BUDGET_TTL_S = 7 * 24 * 3600

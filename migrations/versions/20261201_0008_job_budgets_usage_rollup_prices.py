@@ -67,22 +67,22 @@ def upgrade() -> None:
                 nullable=False,
             )
         )
-        batch_op.create_index(
-            batch_op.f("ix_score_cache_created_at"), ["created_at"], unique=False
-        )
-    with op.batch_alter_table("upstream_call", schema=None) as batch_op:
-        batch_op.add_column(
-            sa.Column("search_units", sa.Integer(), server_default="0", nullable=False)
-        )
-        batch_op.add_column(
-            sa.Column("usage_unknown", sa.Boolean(), server_default=sa.false(), nullable=False)
-        )
+        batch_op.create_index(batch_op.f("ix_score_cache_created_at"), ["created_at"], unique=False)
+    # Plain ADD COLUMNs (constant defaults): a batch would reflect `job` through the foreign
+    # key, and SQLite's reflection warns on job's expression index.
+    op.add_column(
+        "upstream_call",
+        sa.Column("search_units", sa.Integer(), server_default="0", nullable=False),
+    )
+    op.add_column(
+        "upstream_call",
+        sa.Column("usage_unknown", sa.Boolean(), server_default=sa.false(), nullable=False),
+    )
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("upstream_call", schema=None) as batch_op:
-        batch_op.drop_column("usage_unknown")
-        batch_op.drop_column("search_units")
+    op.drop_column("upstream_call", "usage_unknown")
+    op.drop_column("upstream_call", "search_units")
     with op.batch_alter_table("score_cache", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_score_cache_created_at"))
         batch_op.drop_column("created_at")
