@@ -388,6 +388,27 @@ def cancel(job: str) -> None:
 
 
 @app.command()
+def retry(
+    job: str,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", help="A new token cap (replaces the old).")
+    ] = None,
+    max_cost: Annotated[
+        float | None, typer.Option("--max-cost", help="A new cost cap (replaces the old).")
+    ] = None,
+) -> None:
+    """Run a finished job's failed and cancelled requests again, under the same job id."""
+    from worker.service.control import retry_job
+
+    with _errors():
+        queued = retry_job(job, _settings(), max_tokens=max_tokens, max_cost=max_cost)
+    if queued:
+        out.print(f"job {job}: {queued} requests queued again")
+    else:
+        out.print(f"job {job}: no failed requests, nothing queued")
+
+
+@app.command()
 def demo(
     latency_ms: Annotated[float, typer.Option(help="Stand-in API latency.")] = 40.0,
 ) -> None:

@@ -4,6 +4,7 @@ RerankError
 ├── ConfigError            settings that cannot work (no key for the real API, bad key list)
 ├── InputError             a bad line in a requests file (carries line and field)
 ├── JobNotFound
+├── JobNotFinished         retry asked of a job that is still queued or running
 ├── StorageError           a database failure, translated at the repository edge
 ├── BudgetExceeded         a job's token or cost cap leaves no room for another call
 └── UpstreamError          one upstream call failed (carries key NAME and status, never a secret)
@@ -26,6 +27,10 @@ class ConfigError(RerankError):
 
 
 class JobNotFound(RerankError):
+    pass
+
+
+class JobNotFinished(RerankError):
     pass
 
 

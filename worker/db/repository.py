@@ -669,6 +669,32 @@ def cancel_job(session: Session, job_id: str) -> bool:
     return bool(changed)
 
 
+RETRIED = (RequestStatus.FAILED, RequestStatus.CANCELLED)
+
+
+def requeue_for_retry(session: Session, job_id: str) -> int:
+    """Put a finished job's failed and cancelled requests back in the queue, as new: no
+    deliveries counted (the poison check would fail them at once), no error, no result."""
+    return _rowcount(
+        session.execute(
+            update(Request)
+            .where(Request.job_id == job_id, Request.status.in_(RETRIED))
+            .values(
+                status=RequestStatus.QUEUED,
+                deliveries=0,
+                enqueued_at=utcnow(),
+                lease_expires_at=None,
+                finished_at=None,
+                results_json=None,
+                error_type=None,
+                error_message=None,
+                cache_hits=0,
+                tokens_saved=0,
+            )
+        )
+    )
+
+
 def iter_results(
     session: Session, job_id: str, batch: int = 1000
 ) -> Iterator[Sequence[Sequence[Any]]]:
