@@ -215,6 +215,48 @@ def submit(
 
 
 @app.command()
+def estimate(
+    file: Annotated[str, typer.Argument(help="Requests file (JSON Lines), or - for stdin.")],
+    query: Annotated[
+        str | None, typer.Option(help="Rank a corpus file against this query.")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Model for requests that name none.")] = None,
+    use_cache: Annotated[
+        bool, typer.Option("--cache/--no-cache", help="Count pairs the score cache holds.")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """What a file would cost and how long it would take; stores nothing."""
+    from worker.service.estimate import estimate_job
+    from worker.service.submit import JobOptions
+
+    with _errors():
+        settings = _settings()
+        options = JobOptions(query=query, model=model, use_cache=use_cache)
+        stream, _ = _open_lines(file)
+        with stream:
+            result = estimate_job(stream, options=options, settings=settings)
+    if as_json:
+        _print_json(result.as_dict())
+        return
+    out.print(f"requests: {result.requests}")
+    out.print(f"upstream calls: {result.calls}")
+    out.print(f"estimated tokens: {result.estimated_tokens}")
+    if result.search_units:
+        out.print(f"estimated search units: {result.search_units}")
+    out.print(f"estimated cost: {result.estimated_cost:.6f}")
+    for name in result.unpriced_models:
+        out.print(
+            f"[yellow]note:[/] model {escape(name)} has no price; its calls cost nothing here"
+        )
+    out.print(f"pairs already in the score cache: {result.cached_pairs}")
+    out.print(
+        f"estimated time: {result.estimated_seconds:.1f} s, bound by {result.bound_by} "
+        f"({result.call_latency_s:.3f} s a call, {result.latency_from})"
+    )
+
+
+@app.command()
 def status(job: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Status, counts and usage of a job."""
     from worker.service import read

@@ -16,6 +16,9 @@ DEFAULT_BACKOFF_BASE_S = 0.5
 DEFAULT_BACKOFF_CAP_S = 8.0
 MAX_RETRY_AFTER_S = 3600.0
 
+# What `estimate` assumes a call takes until calls were measured (RERANK_ESTIMATE_CALL_LATENCY_S).
+DEFAULT_ESTIMATE_CALL_LATENCY_S = 1.0
+
 # A key slot is a lease; it outlives the longest call by this margin, so a dead
 # worker's slot comes back by itself and a live one never loses it mid-call.
 SLOT_LEASE_MARGIN_S = 5.0

@@ -19,7 +19,9 @@ def text_requests(count: int, documents: int = 8) -> list[dict[str, Any]]:
         {
             "custom_id": f"r-{i}",
             "query": f"what is item {i} about",
-            "documents": [f"document {j} of request {i}, some words here" for j in range(documents)],
+            "documents": [
+                f"document {j} of request {i}, some words here" for j in range(documents)
+            ],
         }
         for i in range(count)
     ]

@@ -73,7 +73,9 @@ def test_each_usage_shape_is_recorded_and_priced(
 
 def test_prices_are_listed_and_set(make_env: Any, database_url: str) -> None:
     env: Env = make_env(database_url)
-    assert env.cli("prices", "set", "bge-reranker-v2-m3", "0.5", "--currency", "USD").returncode == 0
+    assert (
+        env.cli("prices", "set", "bge-reranker-v2-m3", "0.5", "--currency", "USD").returncode == 0
+    )
     assert env.cli("prices", "set", "rerank-2.5", "0.001", "--per", "search_unit").returncode == 0
     listed = {row["model"]: row for row in json.loads(env.cli("prices", "list", "--json").stdout)}
     assert listed["bge-reranker-v2-m3"] == {

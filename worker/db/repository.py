@@ -631,6 +631,19 @@ def complete_job_if_done(session: Session, job_id: str) -> bool:
     )
 
 
+def recent_latencies_ms(session: Session, limit: int) -> list[float]:
+    """Latencies of the newest successful upstream calls."""
+    call = UPSTREAM_CALL_TABLE.c
+    return list(
+        session.scalars(
+            select(call.latency_ms)
+            .where(call.outcome == "ok")
+            .order_by(call.id.desc())
+            .limit(limit)
+        )
+    )
+
+
 def job_counts(session: Session, job_id: str) -> JobCounts:
     rows = dict(
         session.execute(
