@@ -451,6 +451,31 @@ def retry(
 
 
 @app.command()
+def prune(
+    older_than: Annotated[
+        float, typer.Option("--older-than", help="Delete finished jobs older than DAYS.")
+    ],
+    cache_older_than: Annotated[
+        float | None,
+        typer.Option("--cache-older-than", help="Delete score-cache entries older than DAYS."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Delete old finished jobs (their usage stays in `usage`) and old score-cache entries."""
+    from worker.service.prune import prune as prune_jobs
+
+    with _errors():
+        result = prune_jobs(older_than, cache_older_than, _settings())
+    if as_json:
+        _print_json(result.as_dict())
+        return
+    out.print(
+        f"pruned {result.jobs} jobs: {result.requests} requests, {result.documents} documents, "
+        f"{result.calls} upstream calls; {result.cache_entries} score-cache entries"
+    )
+
+
+@app.command()
 def demo(
     latency_ms: Annotated[float, typer.Option(help="Stand-in API latency.")] = 40.0,
 ) -> None:

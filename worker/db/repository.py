@@ -886,3 +886,121 @@ def unfinished_job_ids(session: Session) -> list[str]:
 
 def job_warnings(job: Job) -> list[str]:
     return list(json.loads(job.warnings)) if job.warnings else []
+
+
+# Retention (service/prune.py): short statements, each transaction a bounded batch.
+
+
+def finished_jobs_before(session: Session, before: dt.datetime) -> list[tuple[str, int | None]]:
+    """Finished jobs that ended (or, without an end, were made) before `before`."""
+    ended = func.coalesce(Job.finished_at, Job.created_at)
+    query = select(Job.id, Job.tenant_id).where(Job.status.in_(JOB_ENDED), ended < before)
+    return [(job_id, tenant_id) for job_id, tenant_id in session.execute(query)]
+
+
+def request_batch(
+    session: Session, job_id: str, limit: int, max_documents: int
+) -> list[tuple[int, int]]:
+    """(id, document count) of up to `limit` of the job's requests, cut where their documents
+    pass `max_documents` (at least one request)."""
+    rows = session.execute(
+        select(Request.id, Request.document_count)
+        .where(Request.job_id == job_id)
+        .order_by(Request.id)
+        .limit(limit)
+    )
+    batch: list[tuple[int, int]] = []
+    documents = 0
+    for request_id, count in rows:
+        if batch and documents + count > max_documents:
+            break
+        batch.append((request_id, count))
+        documents += count
+    return batch
+
+
+def delete_document_range(session: Session, request_id: int, stop: int) -> int:
+    return _rowcount(
+        session.execute(
+            DOCUMENT_TABLE.delete().where(
+                DOCUMENT_TABLE.c.request_id == request_id, DOCUMENT_TABLE.c.position < stop
+            )
+        )
+    )
+
+
+def roll_up_calls(session: Session, request_ids: Sequence[int], tenant_id: int | None) -> None:
+    """Add the requests' upstream calls to the daily rollup, per UTC day, key and model."""
+    call = UPSTREAM_CALL_TABLE.c
+    sums: dict[tuple[dt.date, str, str], list[int]] = {}
+    for created_at, key, model, outcome, tokens, units, unknown in session.execute(
+        select(
+            call.created_at,
+            call.key_name,
+            call.model,
+            call.outcome,
+            call.total_tokens,
+            call.search_units,
+            call.usage_unknown,
+        ).where(call.request_id.in_(request_ids))
+    ):
+        day = created_at.astimezone(dt.UTC).date()
+        row = sums.setdefault((day, key, model), [0, 0, 0, 0, 0])
+        billed = outcome == "ok"
+        row[0] += 1
+        row[1] += billed
+        row[2] += tokens or 0
+        row[3] += units or 0
+        row[4] += bool(billed and unknown)
+    if sums:
+        session.execute(
+            insert(UsageDaily),
+            [
+                {
+                    "day": day,
+                    "tenant_id": tenant_id,
+                    "key_name": key,
+                    "model": model,
+                    "calls": calls,
+                    "billed_calls": billed,
+                    "total_tokens": tokens,
+                    "search_units": units,
+                    "usage_unknown_calls": unknown,
+                }
+                for (day, key, model), (calls, billed, tokens, units, unknown) in sums.items()
+            ],
+        )
+
+
+@dataclass(frozen=True)
+class DeletedRows:
+    requests: int
+    documents: int
+    calls: int
+
+
+def delete_requests(session: Session, request_ids: Sequence[int]) -> DeletedRows:
+    """The requests with their calls and documents (which have no foreign key to them)."""
+    calls = session.execute(
+        UPSTREAM_CALL_TABLE.delete().where(UPSTREAM_CALL_TABLE.c.request_id.in_(request_ids))
+    )
+    documents = session.execute(
+        DOCUMENT_TABLE.delete().where(DOCUMENT_TABLE.c.request_id.in_(request_ids))
+    )
+    requests = session.execute(REQUEST_TABLE.delete().where(REQUEST_TABLE.c.id.in_(request_ids)))
+    return DeletedRows(_rowcount(requests), _rowcount(documents), _rowcount(calls))
+
+
+def delete_job(session: Session, job_id: str) -> None:
+    session.execute(UPSTREAM_CALL_TABLE.delete().where(UPSTREAM_CALL_TABLE.c.job_id == job_id))
+    session.execute(JOB_TABLE.delete().where(JOB_TABLE.c.id == job_id))
+
+
+def delete_cache_entries_before(session: Session, before: dt.datetime, limit: int) -> int:
+    table = SCORE_CACHE_TABLE
+    keys = list(
+        session.scalars(select(table.c.key).where(table.c.created_at < before).limit(limit))
+    )
+    if not keys:
+        return 0
+    return _rowcount(session.execute(table.delete().where(table.c.key.in_(keys))))
