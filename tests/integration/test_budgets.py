@@ -8,27 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from conftest import Env, api_keys
-from jobs_support import results_of, submit, wait_ok, write_jsonl
+from jobs_support import billed_tokens, results_of, submit, text_requests, wait_ok, write_jsonl
 
 from worker.standin import ThreadedStandin
-from worker.standin.scoring import rank
-
-
-def text_requests(count: int, documents: int = 8) -> list[dict[str, Any]]:
-    return [
-        {
-            "custom_id": f"r-{i}",
-            "query": f"what is item {i} about",
-            "documents": [
-                f"document {j} of request {i}, some words here" for j in range(documents)
-            ],
-        }
-        for i in range(count)
-    ]
-
-
-def billed_tokens(request: dict[str, Any]) -> int:
-    return rank(request["query"], request["documents"])[1]
 
 
 def test_a_capped_job_bills_no_more_than_its_cap_plus_the_calls_in_flight(

@@ -8,9 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from conftest import Env, api_keys
-from jobs_support import expected_results, results_of, submit, wait_ok, write_jsonl
+from jobs_support import (
+    billed_tokens,
+    expected_results,
+    results_of,
+    submit,
+    text_requests,
+    wait_ok,
+    write_jsonl,
+)
 from sqlalchemy import text
-from test_budgets import billed_tokens, text_requests
 
 from worker.db.session import get_engine
 from worker.standin import ThreadedStandin
