@@ -84,3 +84,20 @@ def assert_no_secret(*texts: str) -> None:
     for secret in SECRETS.values():
         for blob in texts:
             assert secret not in blob
+
+
+def text_requests(count: int, documents: int = 8) -> list[dict[str, Any]]:
+    return [
+        {
+            "custom_id": f"r-{i}",
+            "query": f"what is item {i} about",
+            "documents": [
+                f"document {j} of request {i}, some words here" for j in range(documents)
+            ],
+        }
+        for i in range(count)
+    ]
+
+
+def billed_tokens(request: dict[str, Any]) -> int:
+    return rank(request["query"], request["documents"])[1]

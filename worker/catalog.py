@@ -8,6 +8,7 @@ JINA_PATH = "/jina/v1/rerank"
 GENERIC_PATH = "/v1/rerank"
 # Conservative cap on documents per upstream call where a model's own is not published.
 DEFAULT_MAX_DOCUMENTS = 1024
+VOYAGE_MAX_DOCUMENTS = 1000
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,12 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("jina-reranker-v3", JINA_PATH, pointwise=False),
         ModelSpec("bge-reranker-v2-m3", GENERIC_PATH),
         ModelSpec("bce-reranker-base_v1", GENERIC_PATH),
+        # Qwen3's rerankers judge each pair on its own; Voyage's take 1,000 documents a call.
+        ModelSpec("Qwen3-Reranker-8B", GENERIC_PATH),
+        ModelSpec("Qwen3-Reranker-4B", GENERIC_PATH),
+        ModelSpec("Qwen3-Reranker-0.6B", GENERIC_PATH),
+        ModelSpec("rerank-2.5", GENERIC_PATH, max_documents=VOYAGE_MAX_DOCUMENTS),
+        ModelSpec("rerank-2.5-lite", GENERIC_PATH, max_documents=VOYAGE_MAX_DOCUMENTS),
     )
 }
 

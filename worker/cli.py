@@ -31,6 +31,10 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 tokens_app = typer.Typer(help="Tenants of the HTTP API and their tokens.", no_args_is_help=True)
 app.add_typer(tokens_app, name="tokens")
+prices_app = typer.Typer(
+    help="The price table (cost in usage, status and budgets).", no_args_is_help=True
+)
+app.add_typer(prices_app, name="prices")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
@@ -155,6 +159,13 @@ def submit(
     use_cache: Annotated[
         bool, typer.Option("--cache/--no-cache", help="Reuse and keep scores already paid for.")
     ] = True,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", help="Cap on the tokens the job may bill.")
+    ] = None,
+    max_cost: Annotated[
+        float | None,
+        typer.Option("--max-cost", help="Cap on the job's cost, in the price table's currency."),
+    ] = None,
     wait_: Annotated[bool, typer.Option("--wait", help="Wait until the job ends.")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -171,6 +182,8 @@ def submit(
             priority=priority,
             idempotency_key=idempotency_key,
             use_cache=use_cache,
+            max_tokens=max_tokens,
+            max_cost=max_cost,
         )
         stream, source = _open_lines(file)
         with stream:
@@ -205,6 +218,48 @@ def submit(
 
 
 @app.command()
+def estimate(
+    file: Annotated[str, typer.Argument(help="Requests file (JSON Lines), or - for stdin.")],
+    query: Annotated[
+        str | None, typer.Option(help="Rank a corpus file against this query.")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Model for requests that name none.")] = None,
+    use_cache: Annotated[
+        bool, typer.Option("--cache/--no-cache", help="Count pairs the score cache holds.")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """What a file would cost and how long it would take; stores nothing."""
+    from worker.service.estimate import estimate_job
+    from worker.service.submit import JobOptions
+
+    with _errors():
+        settings = _settings()
+        options = JobOptions(query=query, model=model, use_cache=use_cache)
+        stream, _ = _open_lines(file)
+        with stream:
+            result = estimate_job(stream, options=options, settings=settings)
+    if as_json:
+        _print_json(result.as_dict())
+        return
+    out.print(f"requests: {result.requests}")
+    out.print(f"upstream calls: {result.calls}")
+    out.print(f"estimated tokens: {result.estimated_tokens}")
+    if result.search_units:
+        out.print(f"estimated search units: {result.search_units}")
+    out.print(f"estimated cost: {result.estimated_cost:.6f}")
+    for name in result.unpriced_models:
+        out.print(
+            f"[yellow]note:[/] model {escape(name)} has no price; its calls cost nothing here"
+        )
+    out.print(f"pairs already in the score cache: {result.cached_pairs}")
+    out.print(
+        f"estimated time: {result.estimated_seconds:.1f} s, bound by {result.bound_by} "
+        f"({result.call_latency_s:.3f} s a call, {result.latency_from})"
+    )
+
+
+@app.command()
 def status(job: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Status, counts and usage of a job."""
     from worker.service import read
@@ -224,6 +279,19 @@ def status(job: str, as_json: Annotated[bool, typer.Option("--json")] = False) -
         f"usage: {usage['total_tokens']} tokens, {usage['calls']} upstream calls, "
         f"cost {usage['cost']:.6f}"
     )
+    for note in usage["notes"]:
+        out.print(f"[yellow]note:[/] {escape(note)}")
+    budget = info["budget"]
+    if budget["max_tokens"] is not None or budget["max_cost"] is not None:
+        caps = [
+            f"{label} {spent} of {cap}"
+            for label, spent, cap in (
+                ("tokens", budget["spent_tokens"], budget["max_tokens"]),
+                ("cost", f"{budget['spent_cost']:.6f}", budget["max_cost"]),
+            )
+            if cap is not None
+        ]
+        out.print(f"budget: {', '.join(caps)}")
     cache = info["cache"]
     if cache["hits"]:
         out.print(
@@ -354,6 +422,8 @@ def usage(
         str(report["total_tokens"]), f"{report['cost']:.6f}",
     )  # fmt: skip
     out.print(table)
+    for note in report["notes"]:
+        out.print(f"[yellow]note:[/] {escape(note)}")
     cache = report["cache"]
     out.print(
         f"score cache: {cache['hits']} hits ({cache['hit_rate']:.1%} of documents), "
@@ -458,6 +528,52 @@ def tokens_revoke(name: str) -> None:
 
 
 @app.command()
+def retry(
+    job: str,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", help="A new token cap (replaces the old).")
+    ] = None,
+    max_cost: Annotated[
+        float | None, typer.Option("--max-cost", help="A new cost cap (replaces the old).")
+    ] = None,
+) -> None:
+    """Run a finished job's failed and cancelled requests again, under the same job id."""
+    from worker.service.control import retry_job
+
+    with _errors():
+        queued = retry_job(job, _settings(), max_tokens=max_tokens, max_cost=max_cost)
+    if queued:
+        out.print(f"job {job}: {queued} requests queued again")
+    else:
+        out.print(f"job {job}: no failed requests, nothing queued")
+
+
+@app.command()
+def prune(
+    older_than: Annotated[
+        float, typer.Option("--older-than", help="Delete finished jobs older than DAYS.")
+    ],
+    cache_older_than: Annotated[
+        float | None,
+        typer.Option("--cache-older-than", help="Delete score-cache entries older than DAYS."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Delete old finished jobs (their usage stays in `usage`) and old score-cache entries."""
+    from worker.service.prune import prune as prune_jobs
+
+    with _errors():
+        result = prune_jobs(older_than, cache_older_than, _settings())
+    if as_json:
+        _print_json(result.as_dict())
+        return
+    out.print(
+        f"pruned {result.jobs} jobs: {result.requests} requests, {result.documents} documents, "
+        f"{result.calls} upstream calls; {result.cache_entries} score-cache entries"
+    )
+
+
+@app.command()
 def demo(
     latency_ms: Annotated[float, typer.Option(help="Stand-in API latency.")] = 40.0,
 ) -> None:
@@ -466,6 +582,49 @@ def demo(
 
     with _errors():
         demo_module.run(out, err, latency_ms=latency_ms)
+
+
+@prices_app.command("list")
+def prices_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Every model's price."""
+    from worker.service.prices import list_prices
+
+    with _errors():
+        rows = list_prices(_settings())
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("model", "per million tokens", "per search unit", "currency")
+    for row in rows:
+        table.add_row(
+            row["model"],
+            _price_text(row["price_per_million_tokens"]),
+            _price_text(row["price_per_search_unit"]),
+            row["currency"],
+        )
+    out.print(table)
+
+
+def _price_text(price: float | None) -> str:
+    return "-" if price is None else f"{price:g}"
+
+
+@prices_app.command("set")
+def prices_set(
+    model: str,
+    price: float,
+    per: Annotated[
+        str, typer.Option("--per", help="million_tokens or search_unit.")
+    ] = "million_tokens",
+    currency: Annotated[str | None, typer.Option("--currency")] = None,
+) -> None:
+    """Set a model's price per million tokens (or per search unit)."""
+    from worker.service.prices import set_price
+
+    with _errors():
+        row = set_price(model, price, per=per, currency=currency, settings=_settings())
+    unit = "million tokens" if per == "million_tokens" else "search unit"
+    out.print(f"{row['model']}: {price:g} {row['currency']} per {unit}")
 
 
 def main() -> None:

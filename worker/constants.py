@@ -16,6 +16,9 @@ DEFAULT_BACKOFF_BASE_S = 0.5
 DEFAULT_BACKOFF_CAP_S = 8.0
 MAX_RETRY_AFTER_S = 3600.0
 
+# What `estimate` assumes a call takes until calls were measured (RERANK_ESTIMATE_CALL_LATENCY_S).
+DEFAULT_ESTIMATE_CALL_LATENCY_S = 1.0
+
 # A key slot is a lease; it outlives the longest call by this margin, so a dead
 # worker's slot comes back by itself and a live one never loses it mid-call.
 SLOT_LEASE_MARGIN_S = 5.0
@@ -67,6 +70,9 @@ INTERACTIVE_WAITERS_KEY = REDIS_PREFIX + "interactive-waiting"
 SWEEPER_LOCK_KEY = REDIS_PREFIX + "sweeper-lock"
 
 CANCEL_MARK_TTL_S = 7 * 24 * 3600
+# A job's budget hash (spent and reserved tokens and cost) outlives its last call by this.
+BUDGET_KEY = REDIS_PREFIX + "budget:{job_id}"
+BUDGET_TTL_S = 7 * 24 * 3600
 
 # Where `rerank-worker api` listens unless told otherwise.
 API_HOST = "127.0.0.1"

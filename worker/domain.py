@@ -15,6 +15,28 @@ class CachedScore(NamedTuple):
 
 
 @dataclass(frozen=True)
+class JobBudget:
+    """A job's caps, the prices that turn a call into cost, and what SQL says it billed so
+    far (which seeds the job's spend in Redis when Redis has none)."""
+
+    max_tokens: int | None
+    max_cost: float | None
+    price_per_million_tokens: float | None
+    price_per_search_unit: float | None
+    spent_tokens: int = 0
+    spent_cost: float = 0.0
+
+    @property
+    def priced(self) -> bool:
+        return self.price_per_million_tokens is not None or self.price_per_search_unit is not None
+
+    def cost(self, tokens: float, search_units: float) -> float:
+        return (tokens * (self.price_per_million_tokens or 0.0) / 1_000_000) + (
+            search_units * (self.price_per_search_unit or 0.0)
+        )
+
+
+@dataclass(frozen=True)
 class RequestWork:
     """Everything needed to run one request, loaded from SQL by id."""
 
@@ -28,6 +50,8 @@ class RequestWork:
     doc_ids: list[str | None] | None = None
     priority: str = constants.QUEUE_BULK
     use_cache: bool = True
+    # Only for a job with a cap: the engine reserves each call against it (None costs nothing).
+    budget: JobBudget | None = None
     # Filled when the score cache applies: each document's key, and the hits by position.
     cache_keys: list[bytes] | None = None
     cached: dict[int, CachedScore] = field(default_factory=dict)
@@ -45,6 +69,8 @@ class CallRecord:
     total_tokens: int
     latency_ms: float
     created_at: dt.datetime
+    search_units: int = 0
+    usage_unknown: bool = False
 
 
 @dataclass

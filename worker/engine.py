@@ -17,6 +17,7 @@ from typing import Any
 from worker import catalog, constants, errors
 from worker.db.base import utcnow
 from worker.domain import CachedScore, CallRecord, RequestOutcome, RequestWork
+from worker.upstream.budget import JobBudgets, Reservation, billed_cost
 from worker.upstream.client import CallResult, RerankClient, build_body
 from worker.upstream.limits import KeyPool
 from worker.upstream.retry import RetryPolicy
@@ -96,11 +97,13 @@ class Reranker:
         policy: RetryPolicy,
         *,
         max_documents_per_call: int | None,
+        budgets: JobBudgets | None = None,
     ) -> None:
         self._client = client
         self._pool = pool
         self._policy = policy
         self._max_documents_per_call = max_documents_per_call
+        self._budgets = budgets
 
     async def run(self, work: RequestWork) -> RequestOutcome:
         outcome = RequestOutcome(request_id=work.request_id, job_id=work.job_id, status="running")
@@ -117,6 +120,11 @@ class Reranker:
         except* errors.Cancelled:
             outcome.status = "cancelled"
             outcome.error_type, outcome.error_message = "cancelled", "the job was cancelled"
+        except* errors.BudgetExceeded as group_error:
+            refused = group_error.exceptions[0]
+            assert isinstance(refused, errors.BudgetExceeded)
+            outcome.status = "failed"
+            outcome.error_type, outcome.error_message = refused.kind, refused.message
         except* errors.UpstreamError as group_error:
             first = group_error.exceptions[0]
             assert isinstance(first, errors.UpstreamError)
@@ -155,12 +163,21 @@ class Reranker:
         failures = 0
         while True:
             async with self._pool.slot(work.job_id, work.priority) as lease:
+                reservation = None
+                if work.budget is not None:
+                    reservation = await self._reserve(work, positions)
                 started = utcnow()
                 try:
                     result = await self._client.rerank(lease.key, path, body)
+                    if reservation is not None:
+                        await self._settle(work, reservation, result)
+                        reservation = None
                     checked = _check_indices(result, size, lease.key.name)
                 except errors.UpstreamError as exc:
                     error = exc
+                    if reservation is not None:
+                        await self._settle(work, reservation, None)
+                        reservation = None
                     outcome.calls.append(
                         self._record(work, lease.key.name, size, started, error=exc)
                     )
@@ -178,7 +195,32 @@ class Reranker:
                             for e in checked
                         )
                     return checked
+                finally:
+                    if reservation is not None and self._budgets is not None:
+                        self._budgets.settle_soon(reservation)  # cut short: maybe billed
             failures = await self._after_failure(work, error, failures)
+
+    async def _reserve(self, work: RequestWork, positions: list[int]) -> Reservation:
+        assert work.budget is not None and self._budgets is not None
+        documents = [work.documents_json[p] for p in positions]
+        return await self._budgets.reserve(
+            work.job_id, work.model, work.budget, work.query, documents
+        )
+
+    async def _settle(
+        self, work: RequestWork, reservation: Reservation, result: CallResult | None
+    ) -> None:
+        """Replace the reservation by what the call billed (nothing, for a refused call)."""
+        assert work.budget is not None and self._budgets is not None
+        if result is None:
+            tokens, cost = 0, 0.0
+        elif result.usage_known:
+            tokens = result.total_tokens
+            cost = billed_cost(work.budget, result.total_tokens, result.search_units)
+        else:
+            # Billed without a figure: the estimate is the best account of it.
+            tokens, cost = reservation.tokens, reservation.cost
+        await self._budgets.settle(reservation, tokens, cost)
 
     async def _after_failure(
         self, work: RequestWork, error: errors.UpstreamError, failures: int
@@ -236,4 +278,6 @@ class Reranker:
             total_tokens=result.total_tokens if result else 0,
             latency_ms=result.latency_ms if result else latency_ms,
             created_at=started,
+            search_units=result.search_units if result else 0,
+            usage_unknown=result is not None and not result.usage_known,
         )

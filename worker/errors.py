@@ -4,7 +4,9 @@ RerankError
 ├── ConfigError            settings that cannot work (no key for the real API, bad key list)
 ├── InputError             a bad line in a requests file (carries line and field)
 ├── JobNotFound
+├── JobNotFinished         retry asked of a job that is still queued or running
 ├── StorageError           a database failure, translated at the repository edge
+├── BudgetExceeded         a job's token or cost cap leaves no room for another call
 └── UpstreamError          one upstream call failed (carries key NAME and status, never a secret)
     ├── RetryableError     timeouts, dropped connections, 408, 429, 5xx, 302.AI -10003/-10008/-1024
     │   └── RateLimited    429: pauses the key for every worker
@@ -25,6 +27,10 @@ class ConfigError(RerankError):
 
 
 class JobNotFound(RerankError):
+    pass
+
+
+class JobNotFinished(RerankError):
     pass
 
 
@@ -87,6 +93,16 @@ class RequestRejected(UpstreamError):
 
 class NoUsableKey(UpstreamError):
     kind = "no_usable_key"
+
+
+class BudgetExceeded(RerankError):
+    """A call was not started: its job's cap was reached (the request fails with this)."""
+
+    kind = "budget_exceeded"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 class Cancelled(RerankError):

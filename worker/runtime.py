@@ -24,6 +24,7 @@ from worker.engine import Reranker
 from worker.event_loop import new_event_loop
 from worker.redis_clients import async_redis, redis_url
 from worker.settings import Settings
+from worker.upstream.budget import JobBudgets
 from worker.upstream.client import RerankClient
 from worker.upstream.limits import KeyPool
 from worker.upstream.retry import RetryPolicy
@@ -96,7 +97,11 @@ class Engine:
             cap_s=settings.backoff_cap_s,
         )
         return Reranker(
-            self._client, self.pool, policy, max_documents_per_call=settings.max_documents_per_call
+            self._client,
+            self.pool,
+            policy,
+            max_documents_per_call=settings.max_documents_per_call,
+            budgets=JobBudgets(self._redis),
         )
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:

@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     request_lease_s: float = Field(constants.REQUEST_LEASE_S, gt=0)
     sweep_interval_s: float = Field(constants.SWEEP_INTERVAL_S, gt=0)
     dispatch_stale_s: float = Field(constants.DISPATCH_STALE_S, gt=0)
+    # A call's latency assumed by `estimate` before any call was measured.
+    estimate_call_latency_s: float = Field(constants.DEFAULT_ESTIMATE_CALL_LATENCY_S, gt=0)
     log_level: str = "INFO"
     # Most slots one worker process takes at once (default: every key's). A worker that
     # runs several processes gives each a share, so they do not poll for one another's.

@@ -104,10 +104,39 @@ def test_a_success_is_parsed_into_results_tokens_and_latency() -> None:
     assert result.latency_ms >= 20
 
 
-def test_a_success_without_usage_counts_zero_tokens() -> None:
+def test_a_success_without_usage_is_flagged_rather_than_counted_as_zero() -> None:
     result = call(answer(200, json={"results": []}))
     assert result.results == []
     assert result.total_tokens == 0
+    assert result.usage_known is False
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"usage": {"total_tokens": 12}}, (12, 0, True)),
+        ({"meta": {"billed_units": {"input_tokens": 30, "output_tokens": 2}}}, (32, 0, True)),
+        ({"meta": {"billed_units": {"total_tokens": 7}}}, (7, 0, True)),
+        ({"meta": {"billed_units": {"search_units": 3}}}, (0, 3, True)),
+        ({"meta": {"tokens": {"input_tokens": 40, "output_tokens": 0}}}, (40, 0, True)),
+        ({"tokens": {"input_tokens": 55}}, (55, 0, True)),
+        ({"meta": {"api_version": {"version": "2"}}}, (0, 0, False)),
+        ({}, (0, 0, False)),
+    ],
+    ids=[
+        "usage",
+        "billed-tokens",
+        "billed-total",
+        "search-units",
+        "meta-tokens",
+        "tokens",
+        "meta-without",
+        "none",
+    ],
+)
+def test_every_usage_shape_is_read(body: dict[str, Any], expected: tuple[int, int, bool]) -> None:
+    result = call(answer(200, json={"results": [], **body}))
+    assert (result.total_tokens, result.search_units, result.usage_known) == expected
 
 
 def test_each_key_calls_with_its_own_bearer_on_one_client() -> None:

@@ -8,6 +8,7 @@ import enum
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Date,
     Float,
     ForeignKey,
     Index,
@@ -17,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     func,
     true,
 )
@@ -167,8 +169,36 @@ class UpstreamCall(Base):
     outcome: Mapped[str] = mapped_column(String(30))
     documents: Mapped[int] = mapped_column(Integer)
     total_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    # Models billed per search unit (a query with up to 100 documents) report these instead.
+    search_units: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # A billed call whose answer carried no usage figure: its 0 tokens are not a count.
+    usage_unknown: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     latency_ms: Mapped[float] = mapped_column(Float)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class UsageDaily(Base):
+    """Usage of pruned jobs, rolled up per UTC day, tenant, key and model.
+
+    `prune` writes these in the transaction that deletes the calls they sum, so `usage`
+    (live calls plus this table) reports the same totals before and after. Several rows may
+    share a day, key and model (one per pruned batch); readers sum them.
+    """
+
+    __tablename__ = "usage_daily"
+    __table_args__ = (Index("ix_usage_daily_day", "day"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    day: Mapped[dt.date] = mapped_column(Date)
+    # None for the CLI's jobs, as on `job`.
+    tenant_id: Mapped[int | None] = mapped_column(Integer)
+    key_name: Mapped[str] = mapped_column(String(100))
+    model: Mapped[str] = mapped_column(String(100))
+    calls: Mapped[int] = mapped_column(BigInteger)
+    billed_calls: Mapped[int] = mapped_column(BigInteger)
+    total_tokens: Mapped[int] = mapped_column(BigInteger)
+    search_units: Mapped[int] = mapped_column(BigInteger)
+    usage_unknown_calls: Mapped[int] = mapped_column(BigInteger)
 
 
 class ScoreCache(Base):
@@ -180,6 +210,10 @@ class ScoreCache(Base):
     key: Mapped[bytes] = mapped_column(LargeBinary(16), primary_key=True)
     score: Mapped[float] = mapped_column(Float)
     tokens: Mapped[float] = mapped_column(Float)
+    # Set by the database, so the bulk stores stay as they are; `prune --cache-older-than`.
+    created_at: Mapped[dt.datetime] = mapped_column(
+        UTCDateTime, server_default=func.current_timestamp(), index=True
+    )
 
 
 class RedisEpoch(Base):
@@ -196,9 +230,17 @@ class RedisEpoch(Base):
     seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class PriceUnit(enum.StrEnum):
+    MILLION_TOKENS = "million_tokens"
+    SEARCH_UNIT = "search_unit"
+
+
 class ModelPrice(Base):
+    """A model's price: per million tokens, or per search unit for models billed so."""
+
     __tablename__ = "model_price"
 
     model: Mapped[str] = mapped_column(String(100), primary_key=True)
-    price_per_million_tokens: Mapped[float] = mapped_column(Numeric(14, 6, asdecimal=False))
+    price_per_million_tokens: Mapped[float | None] = mapped_column(Numeric(14, 6, asdecimal=False))
+    price_per_search_unit: Mapped[float | None] = mapped_column(Numeric(14, 9, asdecimal=False))
     currency: Mapped[str] = mapped_column(String(10), default="PTC")

@@ -37,13 +37,15 @@ from worker.db.models import (
     Job,
     JobStatus,
     ModelPrice,
+    PriceUnit,
     RedisEpoch,
     Request,
     RequestStatus,
     ScoreCache,
     UpstreamCall,
+    UsageDaily,
 )
-from worker.domain import CachedScore, RequestOutcome, RequestWork
+from worker.domain import CachedScore, JobBudget, RequestOutcome, RequestWork
 
 # Core tables, for bulk statements that skip the ORM's per-row work.
 JOB_TABLE = cast(Table, Job.__table__)
@@ -98,6 +100,9 @@ class UsageRow:
     total_tokens: int
     cost: float | None
     currency: str | None
+    search_units: int = 0
+    # Billed calls whose answer carried no usage figure (their tokens are not in the total).
+    usage_unknown_calls: int = 0
 
 
 def find_job_by_idempotency_key(session: Session, tenant_id: int | None, key: str) -> Job | None:
@@ -295,11 +300,12 @@ def claim_requests(
     jobs = {
         row.id: row
         for row in conn.execute(
-            select(job.id, job.status, job.priority, job.use_cache).where(
-                job.id.in_({r.job_id for r in runnable})
-            )
+            select(
+                job.id, job.status, job.priority, job.use_cache, job.max_tokens, job.max_cost
+            ).where(job.id.in_({r.job_id for r in runnable}))
         )
     }
+    budgets = _budgets(session, runnable, jobs)
     starting = [job_id for job_id, row in jobs.items() if row.status == JobStatus.QUEUED]
     if starting:
         # A job's first claims all find it queued. One of them marks it running; the others
@@ -338,9 +344,101 @@ def claim_requests(
                 doc_ids=[doc_id for _, doc_id in docs] if ids_given else None,
                 priority=jobs[r.job_id].priority,
                 use_cache=jobs[r.job_id].use_cache,
+                budget=budgets.get((r.job_id, r.model)),
             )
         )
     return work, poison
+
+
+def _budgets(
+    session: Session, runnable: Sequence[Any], jobs: dict[str, Any]
+) -> dict[tuple[str, str], JobBudget]:
+    """The budget of each (capped job, model) among the claimed requests; nothing is read
+    when no job has a cap."""
+    capped = {
+        job_id
+        for job_id, row in jobs.items()
+        if row.max_tokens is not None or row.max_cost is not None
+    }
+    if not capped:
+        return {}
+    prices = model_prices(session)
+    spent = job_spend(session, capped, prices)
+    return {
+        (r.job_id, r.model): JobBudget(
+            max_tokens=jobs[r.job_id].max_tokens,
+            max_cost=jobs[r.job_id].max_cost,
+            price_per_million_tokens=prices[r.model][0] if r.model in prices else None,
+            price_per_search_unit=prices[r.model][1] if r.model in prices else None,
+            spent_tokens=spent.get(r.job_id, (0, 0.0))[0],
+            spent_cost=spent.get(r.job_id, (0, 0.0))[1],
+        )
+        for r in runnable
+        if r.job_id in capped
+    }
+
+
+# model -> (price per million tokens, price per search unit, currency)
+Prices = dict[str, tuple[float | None, float | None, str]]
+
+
+def model_prices(session: Session) -> Prices:
+    return {
+        model: (per_million, per_unit, currency)
+        for model, per_million, per_unit, currency in session.execute(
+            select(
+                ModelPrice.model,
+                ModelPrice.price_per_million_tokens,
+                ModelPrice.price_per_search_unit,
+                ModelPrice.currency,
+            )
+        )
+    }
+
+
+def set_price(
+    session: Session,
+    model: str,
+    price: float,
+    unit: PriceUnit,
+    currency: str | None,
+    default_currency: str,
+) -> None:
+    row = session.get(ModelPrice, model)
+    if row is None:
+        row = ModelPrice(model=model, currency=currency or default_currency)
+        session.add(row)
+    elif currency:
+        row.currency = currency
+    per_million = unit is PriceUnit.MILLION_TOKENS
+    row.price_per_million_tokens = price if per_million else None
+    row.price_per_search_unit = None if per_million else price
+
+
+def price_of(prices: Prices, model: str, tokens: int, search_units: int) -> float | None:
+    """The cost of so many tokens and search units of a model; None when it has no price."""
+    price = prices.get(model)
+    if price is None or (price[0] is None and price[1] is None):
+        return None
+    per_million, per_unit, _ = price
+    return tokens * (per_million or 0.0) / 1_000_000 + search_units * (per_unit or 0.0)
+
+
+def job_spend(
+    session: Session, job_ids: Iterable[str], prices: Prices
+) -> dict[str, tuple[int, float]]:
+    """Tokens and cost each job has billed, from its recorded calls."""
+    call = UPSTREAM_CALL_TABLE.c
+    spent: dict[str, tuple[int, float]] = {}
+    for job_id, model, tokens, units in session.execute(
+        select(call.job_id, call.model, func.sum(call.total_tokens), func.sum(call.search_units))
+        .where(call.job_id.in_(list(job_ids)))
+        .group_by(call.job_id, call.model)
+    ):
+        before_tokens, before_cost = spent.get(job_id, (0, 0.0))
+        cost = price_of(prices, model, int(tokens or 0), int(units or 0)) or 0.0
+        spent[job_id] = (before_tokens + int(tokens or 0), before_cost + cost)
+    return spent
 
 
 def renew_leases(session: Session, ids: Sequence[int], *, lease_s: float) -> None:
@@ -363,6 +461,8 @@ UPSTREAM_CALL_COLUMNS = (
     "total_tokens",
     "latency_ms",
     "created_at",
+    "search_units",
+    "usage_unknown",
 )
 
 
@@ -413,6 +513,8 @@ def record_outcomes(session: Session, outcomes: Sequence[RequestOutcome]) -> Non
             c.total_tokens,
             c.latency_ms,
             c.created_at,
+            c.search_units,
+            c.usage_unknown,
         )
         for o in outcomes
         for c in o.calls
@@ -529,6 +631,19 @@ def complete_job_if_done(session: Session, job_id: str) -> bool:
     )
 
 
+def recent_latencies_ms(session: Session, limit: int) -> list[float]:
+    """Latencies of the newest successful upstream calls."""
+    call = UPSTREAM_CALL_TABLE.c
+    return list(
+        session.scalars(
+            select(call.latency_ms)
+            .where(call.outcome == "ok")
+            .order_by(call.id.desc())
+            .limit(limit)
+        )
+    )
+
+
 def job_counts(session: Session, job_id: str) -> JobCounts:
     rows = dict(
         session.execute(
@@ -567,6 +682,32 @@ def cancel_job(session: Session, job_id: str) -> bool:
     return bool(changed)
 
 
+RETRIED = (RequestStatus.FAILED, RequestStatus.CANCELLED)
+
+
+def requeue_for_retry(session: Session, job_id: str) -> int:
+    """Put a finished job's failed and cancelled requests back in the queue, as new: no
+    deliveries counted (the poison check would fail them at once), no error, no result."""
+    return _rowcount(
+        session.execute(
+            update(Request)
+            .where(Request.job_id == job_id, Request.status.in_(RETRIED))
+            .values(
+                status=RequestStatus.QUEUED,
+                deliveries=0,
+                enqueued_at=utcnow(),
+                lease_expires_at=None,
+                finished_at=None,
+                results_json=None,
+                error_type=None,
+                error_message=None,
+                cache_hits=0,
+                tokens_saved=0,
+            )
+        )
+    )
+
+
 def iter_results(
     session: Session, job_id: str, batch: int = 1000
 ) -> Iterator[Sequence[Sequence[Any]]]:
@@ -590,45 +731,63 @@ def iter_results(
 
 
 def usage(
-    session: Session, job_id: str | None, visible: ColumnElement[bool] | None = None
+    session: Session,
+    job_id: str | None,
+    visible: ColumnElement[bool] | None = None,
+    rollup_visible: ColumnElement[bool] | None = None,
 ) -> list[UsageRow]:
     """Per key and model, over one job or over the jobs `visible` (a WHERE clause on `job`)
-    keeps; every job when both are None."""
-    billed = case((UpstreamCall.outcome == "ok", 1), else_=0)
-    query = (
-        select(
-            UpstreamCall.key_name,
-            UpstreamCall.model,
-            func.count(),
-            func.sum(billed),
-            func.coalesce(func.sum(UpstreamCall.total_tokens), 0),
-            ModelPrice.price_per_million_tokens,
-            ModelPrice.currency,
-        )
-        .outerjoin(ModelPrice, ModelPrice.model == UpstreamCall.model)
-        .group_by(
-            UpstreamCall.key_name,
-            UpstreamCall.model,
-            ModelPrice.price_per_million_tokens,
-            ModelPrice.currency,
-        )
-        .order_by(UpstreamCall.key_name, UpstreamCall.model)
-    )
+    keeps; every job when both are None. Without a job, the rollup of pruned jobs is added
+    (the rows `rollup_visible`, a WHERE clause on `usage_daily`, keeps)."""
+    call = UPSTREAM_CALL_TABLE.c
+    ok = call.outcome == "ok"
+    live = select(
+        call.key_name,
+        call.model,
+        func.count(),
+        func.sum(case((ok, 1), else_=0)),
+        func.coalesce(func.sum(call.total_tokens), 0),
+        func.coalesce(func.sum(call.search_units), 0),
+        func.sum(case((ok & call.usage_unknown, 1), else_=0)),
+    ).group_by(call.key_name, call.model)
     if job_id:
-        query = query.where(UpstreamCall.job_id == job_id)
+        live = live.where(call.job_id == job_id)
     elif visible is not None:
-        query = query.where(UpstreamCall.job_id.in_(select(Job.id).where(visible)))
+        live = live.where(call.job_id.in_(select(Job.id).where(visible)))
+    totals: dict[tuple[str, str], list[int]] = {}
+    queries = [live]
+    if not job_id:
+        rolled = select(
+            UsageDaily.key_name,
+            UsageDaily.model,
+            func.sum(UsageDaily.calls),
+            func.sum(UsageDaily.billed_calls),
+            func.sum(UsageDaily.total_tokens),
+            func.sum(UsageDaily.search_units),
+            func.sum(UsageDaily.usage_unknown_calls),
+        ).group_by(UsageDaily.key_name, UsageDaily.model)
+        if rollup_visible is not None:
+            rolled = rolled.where(rollup_visible)
+        queries.append(rolled)
+    for query in queries:
+        for key, model, *figures in session.execute(query):
+            sums = totals.setdefault((key, model), [0] * len(figures))
+            for i, figure in enumerate(figures):
+                sums[i] += int(figure or 0)
+    prices = model_prices(session)
     return [
         UsageRow(
             key_name=key,
             model=model,
-            calls=int(calls),
-            billed_calls=int(billed_calls or 0),
-            total_tokens=int(tokens),
-            cost=None if price is None else float(tokens) * float(price) / 1_000_000,
-            currency=currency,
+            calls=calls,
+            billed_calls=billed,
+            total_tokens=tokens,
+            cost=price_of(prices, model, tokens, units),
+            currency=prices[model][2] if model in prices else None,
+            search_units=units,
+            usage_unknown_calls=unknown,
         )
-        for key, model, calls, billed_calls, tokens, price, currency in session.execute(query)
+        for (key, model), (calls, billed, tokens, units, unknown) in sorted(totals.items())
     ]
 
 
@@ -727,3 +886,121 @@ def unfinished_job_ids(session: Session) -> list[str]:
 
 def job_warnings(job: Job) -> list[str]:
     return list(json.loads(job.warnings)) if job.warnings else []
+
+
+# Retention (service/prune.py): short statements, each transaction a bounded batch.
+
+
+def finished_jobs_before(session: Session, before: dt.datetime) -> list[tuple[str, int | None]]:
+    """Finished jobs that ended (or, without an end, were made) before `before`."""
+    ended = func.coalesce(Job.finished_at, Job.created_at)
+    query = select(Job.id, Job.tenant_id).where(Job.status.in_(JOB_ENDED), ended < before)
+    return [(job_id, tenant_id) for job_id, tenant_id in session.execute(query)]
+
+
+def request_batch(
+    session: Session, job_id: str, limit: int, max_documents: int
+) -> list[tuple[int, int]]:
+    """(id, document count) of up to `limit` of the job's requests, cut where their documents
+    pass `max_documents` (at least one request)."""
+    rows = session.execute(
+        select(Request.id, Request.document_count)
+        .where(Request.job_id == job_id)
+        .order_by(Request.id)
+        .limit(limit)
+    )
+    batch: list[tuple[int, int]] = []
+    documents = 0
+    for request_id, count in rows:
+        if batch and documents + count > max_documents:
+            break
+        batch.append((request_id, count))
+        documents += count
+    return batch
+
+
+def delete_document_range(session: Session, request_id: int, stop: int) -> int:
+    return _rowcount(
+        session.execute(
+            DOCUMENT_TABLE.delete().where(
+                DOCUMENT_TABLE.c.request_id == request_id, DOCUMENT_TABLE.c.position < stop
+            )
+        )
+    )
+
+
+def roll_up_calls(session: Session, request_ids: Sequence[int], tenant_id: int | None) -> None:
+    """Add the requests' upstream calls to the daily rollup, per UTC day, key and model."""
+    call = UPSTREAM_CALL_TABLE.c
+    sums: dict[tuple[dt.date, str, str], list[int]] = {}
+    for created_at, key, model, outcome, tokens, units, unknown in session.execute(
+        select(
+            call.created_at,
+            call.key_name,
+            call.model,
+            call.outcome,
+            call.total_tokens,
+            call.search_units,
+            call.usage_unknown,
+        ).where(call.request_id.in_(request_ids))
+    ):
+        day = created_at.astimezone(dt.UTC).date()
+        row = sums.setdefault((day, key, model), [0, 0, 0, 0, 0])
+        billed = outcome == "ok"
+        row[0] += 1
+        row[1] += billed
+        row[2] += tokens or 0
+        row[3] += units or 0
+        row[4] += bool(billed and unknown)
+    if sums:
+        session.execute(
+            insert(UsageDaily),
+            [
+                {
+                    "day": day,
+                    "tenant_id": tenant_id,
+                    "key_name": key,
+                    "model": model,
+                    "calls": calls,
+                    "billed_calls": billed,
+                    "total_tokens": tokens,
+                    "search_units": units,
+                    "usage_unknown_calls": unknown,
+                }
+                for (day, key, model), (calls, billed, tokens, units, unknown) in sums.items()
+            ],
+        )
+
+
+@dataclass(frozen=True)
+class DeletedRows:
+    requests: int
+    documents: int
+    calls: int
+
+
+def delete_requests(session: Session, request_ids: Sequence[int]) -> DeletedRows:
+    """The requests with their calls and documents (which have no foreign key to them)."""
+    calls = session.execute(
+        UPSTREAM_CALL_TABLE.delete().where(UPSTREAM_CALL_TABLE.c.request_id.in_(request_ids))
+    )
+    documents = session.execute(
+        DOCUMENT_TABLE.delete().where(DOCUMENT_TABLE.c.request_id.in_(request_ids))
+    )
+    requests = session.execute(REQUEST_TABLE.delete().where(REQUEST_TABLE.c.id.in_(request_ids)))
+    return DeletedRows(_rowcount(requests), _rowcount(documents), _rowcount(calls))
+
+
+def delete_job(session: Session, job_id: str) -> None:
+    session.execute(UPSTREAM_CALL_TABLE.delete().where(UPSTREAM_CALL_TABLE.c.job_id == job_id))
+    session.execute(JOB_TABLE.delete().where(JOB_TABLE.c.id == job_id))
+
+
+def delete_cache_entries_before(session: Session, before: dt.datetime, limit: int) -> int:
+    table = SCORE_CACHE_TABLE
+    keys = list(
+        session.scalars(select(table.c.key).where(table.c.created_at < before).limit(limit))
+    )
+    if not keys:
+        return 0
+    return _rowcount(session.execute(table.delete().where(table.c.key.in_(keys))))

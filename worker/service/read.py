@@ -46,12 +46,24 @@ def _progress(session: Session, job: Job) -> dict[str, Any]:
 def job_status(
     job_id: str, settings: Settings | None = None, scope: Scope = OPERATOR
 ) -> dict[str, Any]:
-    """The job's progress with its usage and score-cache savings so far."""
+    """The job's progress with its usage, score-cache savings and budget so far."""
     with sessions(settings)() as session:
-        progress = _progress(session, visible_job(session, job_id, scope))
+        job = visible_job(session, job_id, scope)
+        progress = _progress(session, job)
         rows = repository.usage(session, job_id)
         savings = repository.cache_savings(session, job_id)
-    return {**progress, "usage": usage_totals(rows), "cache": cache_totals(savings)}
+    usage = usage_totals(rows)
+    return {
+        **progress,
+        "usage": usage,
+        "cache": cache_totals(savings),
+        "budget": {
+            "max_tokens": job.max_tokens,
+            "max_cost": job.max_cost,
+            "spent_tokens": usage["total_tokens"],
+            "spent_cost": usage["cost"],
+        },
+    }
 
 
 def job_summary(job: Job) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker import errors
 from worker.db import repository
-from worker.db.models import Job
+from worker.db.models import Job, UsageDaily
 from worker.db.session import get_sessionmaker, in_transaction
 from worker.settings import Settings, get_settings
 
@@ -37,6 +37,10 @@ class Scope:
     def jobs_filter(self) -> ColumnElement[bool]:
         """A WHERE clause on `job` that keeps the jobs this caller may see."""
         return true() if self.sees_all else Job.tenant_id == self.tenant_id
+
+    def rollup_filter(self) -> ColumnElement[bool]:
+        """The same on `usage_daily`, which keeps the usage of pruned jobs."""
+        return true() if self.sees_all else UsageDaily.tenant_id == self.tenant_id
 
 
 # The CLI and the workers: whoever holds the database's credentials sees every job.

@@ -11,12 +11,20 @@ from worker.settings import Settings
 
 def usage_totals(rows: list[repository.UsageRow]) -> dict[str, Any]:
     costs = [r.cost for r in rows if r.cost is not None]
+    unknown = sum(r.usage_unknown_calls for r in rows)
     return {
         "total_tokens": sum(r.total_tokens for r in rows),
+        "search_units": sum(r.search_units for r in rows),
         "calls": sum(r.calls for r in rows),
         "billed_calls": sum(r.billed_calls for r in rows),
         "cost": round(sum(costs), 9) if costs else 0.0,
+        "usage_unknown_calls": unknown,
+        "notes": [unknown_usage_note(unknown)] if unknown else [],
     }
+
+
+def unknown_usage_note(calls: int) -> str:
+    return f"{calls} calls billed without a usage figure: their tokens are not in the totals"
 
 
 def cache_totals(rows: list[repository.CacheSavings]) -> dict[str, Any]:
@@ -36,10 +44,11 @@ def usage_report(
 ) -> dict[str, Any]:
     """One job's usage, or that of every job the caller may see."""
     visible = None if scope.sees_all else scope.jobs_filter()
+    rollup_visible = None if scope.sees_all else scope.rollup_filter()
     with sessions(settings)() as session:
         if job_id:
             visible_job(session, job_id, scope)
-        rows = repository.usage(session, job_id, visible)
+        rows = repository.usage(session, job_id, visible, rollup_visible)
         savings = repository.cache_savings(session, job_id, visible)
     return {
         **usage_totals(rows),
@@ -65,6 +74,8 @@ def usage_report(
                 "calls": r.calls,
                 "billed_calls": r.billed_calls,
                 "total_tokens": r.total_tokens,
+                "search_units": r.search_units,
+                "usage_unknown_calls": r.usage_unknown_calls,
                 "cost": r.cost,
                 "currency": r.currency,
             }

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from worker.standin import usage_shapes
 from worker.standin.scoring import DEFAULT_IMAGE_TOKENS
 
 _PROBABILITY_FIELDS = ("fault_429", "fault_5xx", "fault_drop", "fault_slow")
@@ -31,9 +32,12 @@ class StandinConfig:
     max_documents: int = 2048
     seed: int = 0
     image_tokens: int = DEFAULT_IMAGE_TOKENS
+    # model -> how its answers carry usage (usage_shapes.SHAPES), over the default table.
+    usage_shapes: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_keys(self.keys)
+        _check_usage_shapes(self.usage_shapes)
         for name in _PROBABILITY_FIELDS:
             value = _number(self, name)
             if not 0 <= value <= 1:
@@ -84,6 +88,16 @@ def _check_keys(keys: object) -> None:
             raise ValueError(f"key '{name}': secret must be a non-empty string")
     if len(set(keys.values())) != len(keys):
         raise ValueError("two key names share one secret")
+
+
+def _check_usage_shapes(shapes: object) -> None:
+    if not isinstance(shapes, dict):
+        raise ValueError("usage_shapes must be a mapping of model to shape")
+    for model, shape in shapes.items():
+        if not isinstance(model, str) or shape not in usage_shapes.SHAPES:
+            raise ValueError(
+                f"usage_shapes: model {model!r} needs one of {', '.join(sorted(usage_shapes.SHAPES))}"
+            )
 
 
 def _number(config: StandinConfig, name: str) -> float:

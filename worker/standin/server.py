@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import h11
 
+from worker.standin import usage_shapes
 from worker.standin.config import StandinConfig
 from worker.standin.scoring import Document, rank
 
@@ -41,6 +42,7 @@ SUPPORTED_MODELS = frozenset(
         "jina-reranker-v3",
         "bge-reranker-v2-m3",
         "bce-reranker-base_v1",
+        *usage_shapes.DEFAULT_SHAPES,
     }
 )
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -576,10 +578,11 @@ class StandinServer:
             request.return_documents,
             config.image_tokens,
         )
+        shape = usage_shapes.shape_of(request.model, config.usage_shapes)
         payload = {
             "model": request.model,
             "object": "list",
-            "usage": {"total_tokens": tokens},
+            **usage_shapes.usage_fields(shape, tokens, len(request.documents)),
             "results": results,
         }
         return _json_response(200, payload), tokens

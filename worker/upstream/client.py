@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -38,6 +38,59 @@ class CallResult:
     total_tokens: int
     latency_ms: float
     status_code: int = 200
+    search_units: int = 0
+    # False when the answer carried no usage figure at all: its 0 tokens are not a count.
+    usage_known: bool = True
+
+
+class Usage(NamedTuple):
+    tokens: int
+    search_units: int
+    known: bool
+
+
+UNKNOWN_USAGE = Usage(0, 0, False)
+
+
+def _count(value: Any) -> int | None:
+    """A count, None when absent; a count that is not a number makes the answer malformed."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError("a usage count is not a number")
+    return int(value)
+
+
+def _tokens_of(counts: Any) -> int | None:
+    """total_tokens, else input_tokens + output_tokens, of a dict of counts (None: absent)."""
+    if counts is None:
+        return None
+    if not isinstance(counts, dict):
+        raise TypeError("a usage figure is not an object")
+    total = _count(counts.get("total_tokens"))
+    if total is not None:
+        return total
+    parts = [_count(counts.get(name)) for name in ("input_tokens", "output_tokens")]
+    if all(part is None for part in parts):
+        return None
+    return sum(part or 0 for part in parts)
+
+
+def parse_usage(body: dict[str, Any]) -> Usage:
+    """What a success answer says it billed, in every shape 302.AI's rerank models use:
+    Jina's `usage.total_tokens`, Cohere's `meta.billed_units` (tokens or `search_units`),
+    `meta.tokens` and `tokens` (input/output tokens); or nothing, which is not 0 tokens."""
+    meta = body.get("meta")
+    meta = meta if isinstance(meta, dict) else {}
+    billed = meta.get("billed_units")
+    search_units = _count(billed.get("search_units")) if isinstance(billed, dict) else None
+    for counts in (body.get("usage"), billed, meta.get("tokens"), body.get("tokens")):
+        tokens = _tokens_of(counts)
+        if tokens is not None:
+            return Usage(tokens, search_units or 0, True)
+    if search_units is not None:
+        return Usage(0, search_units, True)
+    return UNKNOWN_USAGE
 
 
 def build_body(
@@ -121,8 +174,7 @@ def _parse_success(response: httpx.Response, key: ApiKey, latency_ms: float) -> 
     try:
         body = response.json()
         results = body["results"]
-        usage = body.get("usage") or {}
-        tokens = int(usage.get("total_tokens") or 0)
+        usage = parse_usage(body)
         if not isinstance(results, list):
             raise TypeError("results is not a list")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -132,7 +184,13 @@ def _parse_success(response: httpx.Response, key: ApiKey, latency_ms: float) -> 
             key_name=key.name,
             status_code=200,
         ) from exc
-    return CallResult(results=results, total_tokens=tokens, latency_ms=latency_ms)
+    return CallResult(
+        results=results,
+        total_tokens=usage.tokens,
+        latency_ms=latency_ms,
+        search_units=usage.search_units,
+        usage_known=usage.known,
+    )
 
 
 class RerankClient:
