@@ -339,3 +339,30 @@ def test_a_large_body_refused_for_a_parameter_still_gets_its_answer(
             answer = client.post("/v1/jobs", content=body, params=params, headers=headers)
             assert answer.status_code in (400, 415), answer.text
     assert row_counts() == (0, 0, 0)
+
+
+def test_retry_over_http_runs_the_requests_a_budget_stopped_under_the_same_job(
+    api_server: ApiServer,
+) -> None:
+    api_server.env.start_worker()
+    requests = make_requests(12)
+    with api_server.client("acme") as client:
+        job = client.post(
+            "/v1/jobs", params={"max_tokens": 1}, content=ndjson(requests), headers=NDJSON
+        ).json()
+        ended = client.get(f"/v1/jobs/{job['id']}", params={"wait": 60}).json()
+        assert ended["status"] == "completed" and ended["failed"] > 0, ended
+
+        retried = client.post(f"/v1/jobs/{job['id']}/retry", params={"max_tokens": 10**9})
+        assert retried.status_code == 200, retried.text
+        assert retried.json()["id"] == job["id"]
+        again = client.get(f"/v1/jobs/{job['id']}", params={"wait": 60}).json()
+        assert (again["status"], again["succeeded"], again["failed"]) == ("completed", 12, 0)
+        lines = [
+            json.loads(x) for x in client.get(f"/v1/jobs/{job['id']}/results").text.splitlines()
+        ]
+        for line, request in zip(lines, requests, strict=True):
+            assert line["results"] == expected_results(request)
+
+    with api_server.client("globex") as stranger:
+        assert stranger.post(f"/v1/jobs/{job['id']}/retry").status_code == 404

@@ -28,6 +28,7 @@ ERROR_TYPES = {
     400: "invalid_request",
     401: "unauthorized",
     404: "not_found",
+    409: "conflict",
     405: "method_not_allowed",
     413: "too_large",
     415: "unsupported_media_type",
@@ -69,6 +70,10 @@ def _not_found(_: Request, exc: Exception) -> JSONResponse:
     return error_response(404, str(exc))
 
 
+def _not_finished(_: Request, exc: Exception) -> JSONResponse:
+    return error_response(409, str(exc))
+
+
 def _unavailable(_: Request, exc: Exception) -> JSONResponse:
     log.warning("action=api_unavailable reason=%s", type(exc).__name__)
     return error_response(503, f"storage unavailable ({type(exc).__name__})")
@@ -86,6 +91,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(errors.JobNotFound, _not_found)
+    app.add_exception_handler(errors.JobNotFinished, _not_finished)
     app.add_exception_handler(DataError, _refused_value)
     app.add_exception_handler(psycopg.DataError, _refused_value)
     app.add_exception_handler(SQLAlchemyError, _unavailable)

@@ -204,6 +204,31 @@ def cancel_job(job_id: str, scope: ScopeDep, settings: SettingsDep) -> dict[str,
     return read.job_status(job_id, settings, scope)
 
 
+@router.post(
+    "/jobs/{job_id}/retry",
+    response_model=schemas.Job,
+    responses={
+        **NOT_FOUND,
+        409: {"model": schemas.ErrorResponse, "description": "The job has not ended yet"},
+    },
+)
+def retry_job(
+    job_id: str,
+    scope: ScopeDep,
+    settings: SettingsDep,
+    max_tokens: Annotated[
+        int | None, Query(ge=1, le=schemas.MAX_INT64, description="A new token cap")
+    ] = None,
+    max_cost: Annotated[
+        float | None,
+        Query(gt=0, lt=schemas.MAX_COST, allow_inf_nan=False, description="A new cost cap"),
+    ] = None,
+) -> dict[str, Any]:
+    """The job's failed requests run again under the same id (`rerank-worker retry`)."""
+    control.retry_job(job_id, settings, scope, max_tokens=max_tokens, max_cost=max_cost)
+    return read.job_status(job_id, settings, scope)
+
+
 @router.get(
     "/jobs/{job_id}/results",
     response_class=StreamingResponse,
