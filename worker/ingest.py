@@ -30,7 +30,7 @@ MAX_CUSTOM_ID_LENGTH = constants.MAX_CUSTOM_ID_CHARS
 # Fields stored as they are (not as JSON text), where a NUL character cannot go.
 REQUEST_TEXT_FIELDS = ("custom_id", "query", "model")
 CORPUS_TEXT_FIELDS = ("id",)
-BYTE_ORDER_MARK = "\ufeff"
+UTF8_BYTE_ORDER_MARK = "\ufeff".encode()
 UTF16_BYTE_ORDER_MARKS = (b"\xff\xfe", b"\xfe\xff")
 # Strings (skipped whole) and brackets: enough to measure how deep a line nests.
 _NESTING_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
@@ -94,6 +94,13 @@ def shown(name: str) -> str:
     return escaped
 
 
+def _without_byte_order_mark(raw: bytes | str) -> bytes | str:
+    """A file saved on Windows may start with a UTF-8 byte-order mark: it is not content."""
+    if isinstance(raw, bytes):
+        return raw.removeprefix(UTF8_BYTE_ORDER_MARK)
+    return raw.removeprefix("\ufeff")
+
+
 def _line_text(raw: bytes | str, line_no: int, max_line_bytes: int) -> str:
     if len(raw) > max_line_bytes:
         raise errors.InputError(
@@ -115,8 +122,6 @@ def _line_text(raw: bytes | str, line_no: int, max_line_bytes: int) -> str:
                 "holds a lone surrogate, which is not a character (UTF-8 cannot encode it)",
                 line=line_no,
             )
-    if line_no == 1 and text.startswith(BYTE_ORDER_MARK):
-        return text[1:]  # a file saved on Windows starts with one
     return text
 
 
@@ -422,6 +427,8 @@ def iter_requests(
     seen: dict[str, int] = {}
     position = 0
     for line_no, raw in enumerate(lines, start=1):
+        if line_no == 1:
+            raw = _without_byte_order_mark(raw)
         if not raw.strip():
             continue
         text, value = _line_value(raw, line_no, limits)
@@ -460,6 +467,8 @@ def iter_corpus(
     count = 0
     max_chars = limits.max_document_chars
     for line_no, raw in enumerate(lines, start=1):
+        if line_no == 1:
+            raw = _without_byte_order_mark(raw)
         if not raw.strip():
             continue
         text, value = _line_value(raw, line_no, limits)

@@ -63,8 +63,8 @@ class JobOptions:
             )
         if self.query is not None and not self.query.strip():
             raise errors.InputError("must not be empty", field="query")
-        if self.model is not None and not self.model.strip():
-            raise errors.InputError("must not be empty", field="model")
+        if self.model and not self.model.strip():
+            raise errors.InputError("must not be blank", field="model")
         texts = {
             "query": (self.query, limits.max_query_chars),
             "model": (self.model, constants.MAX_MODEL_CHARS),
