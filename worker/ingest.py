@@ -27,6 +27,7 @@ REQUEST_FIELDS = frozenset(
     {"custom_id", "query", "documents", "top_n", "model", "return_documents"}
 )
 MAX_CUSTOM_ID_LENGTH = constants.MAX_CUSTOM_ID_CHARS
+MAX_DOC_ID_CHARS = constants.MAX_DOC_ID_CHARS
 # Fields stored as they are (not as JSON text), where a NUL character cannot go.
 REQUEST_TEXT_FIELDS = ("custom_id", "query", "model")
 CORPUS_TEXT_FIELDS = ("id",)
@@ -101,44 +102,58 @@ def _without_byte_order_mark(raw: bytes | str) -> bytes | str:
     return raw.removeprefix("\ufeff")
 
 
-def _line_text(raw: bytes | str, line_no: int, max_line_bytes: int) -> str:
-    if len(raw) > max_line_bytes:
-        raise errors.InputError(
-            f"the line is longer than the cap of {max_line_bytes:,} bytes", line=line_no
-        )
-    if isinstance(raw, bytes):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            if line_no == 1 and raw.startswith(UTF16_BYTE_ORDER_MARKS):
-                reason = "it is UTF-16 (a UTF-16 byte-order mark); save the file as UTF-8"
-            else:
-                reason = f"byte {exc.start + 1}: {exc.reason}"
-            raise errors.InputError(f"not valid UTF-8 ({reason})", line=line_no) from None
-    else:
-        text = raw
-        if not text.isascii() and not _encodes(text):
-            raise errors.InputError(
-                "holds a lone surrogate, which is not a character (UTF-8 cannot encode it)",
-                line=line_no,
-            )
-    return text
+def _unreadable(raw: bytes | str, exc: ValueError, line_no: int) -> errors.InputError:
+    """The error for a line that is not UTF-8 or not JSON (or an integer too long for
+    Python: json.loads raises a plain ValueError for it)."""
+    if isinstance(exc, UnicodeDecodeError):
+        if line_no == 1 and isinstance(raw, bytes) and raw.startswith(UTF16_BYTE_ORDER_MARKS):
+            reason = "it is UTF-16 (a UTF-16 byte-order mark); save the file as UTF-8"
+        else:
+            reason = f"byte {exc.start + 1}: {exc.reason}"
+        return errors.InputError(f"not valid UTF-8 ({reason})", line=line_no)
+    if isinstance(exc, json.JSONDecodeError):
+        return errors.InputError(f"not valid JSON ({exc.msg}, column {exc.colno})", line=line_no)
+    return errors.InputError(
+        f"not valid JSON (a number of more than {sys.get_int_max_str_digits():,} digits)",
+        line=line_no,
+    )
 
 
-def _json_value(text: str, line_no: int) -> Any:
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise _too_deep(line_no) from None
-    except json.JSONDecodeError as exc:
+def _text_line(raw: str, line_no: int) -> str:
+    """A line given as str (not bytes) can hold a lone surrogate as it is."""
+    if not raw.isascii() and not _encodes(raw):
         raise errors.InputError(
-            f"not valid JSON ({exc.msg}, column {exc.colno})", line=line_no
-        ) from None
-    except ValueError as exc:  # an integer longer than Python converts from text
-        raise errors.InputError(
-            f"not valid JSON (a number of more than {sys.get_int_max_str_digits():,} digits)",
+            "holds a lone surrogate, which is not a character (UTF-8 cannot encode it)",
             line=line_no,
-        ) from exc
+        )
+    return raw
+
+
+def _parsed_lines(
+    lines: Iterable[bytes | str], text_fields: tuple[str, ...], max_line_bytes: int
+) -> Iterator[tuple[int, str, Any]]:
+    """(line number, text, JSON value) of each line that is not blank; InputError for a
+    line over the cap, not UTF-8, not JSON, or holding what no database stores."""
+    loads = json.loads
+    for line_no, raw in enumerate(lines, start=1):
+        if line_no == 1:
+            raw = _without_byte_order_mark(raw)
+        if not raw.strip():
+            continue
+        if len(raw) > max_line_bytes:
+            raise errors.InputError(
+                f"the line is longer than the cap of {max_line_bytes:,} bytes", line=line_no
+            )
+        try:
+            text = raw.decode() if isinstance(raw, bytes) else _text_line(raw, line_no)
+            value = loads(text)
+        except RecursionError:
+            raise _too_deep(line_no) from None
+        except ValueError as exc:
+            raise _unreadable(raw, exc, line_no) from None
+        if "\\u" in text:  # one scan for both escapes looked for closer
+            _check_characters(text, value, line_no, text_fields)
+        yield line_no, text, value
 
 
 def _too_deep(line_no: int) -> errors.InputError:
@@ -222,11 +237,6 @@ def _check_characters(text: str, value: Any, line_no: int, text_fields: Iterable
                 )
 
 
-def _line_value(raw: bytes | str, line_no: int, limits: Limits) -> tuple[str, Any]:
-    text = _line_text(raw, line_no, limits.max_line_bytes)
-    return text, _json_value(text, line_no)
-
-
 # One encoder for every document: json.dumps with options builds a new one per call.
 _encode_string = json.JSONEncoder(ensure_ascii=False).encode
 DOCUMENT_KINDS = ("text", "image")
@@ -260,23 +270,26 @@ def parse_document(
     doc_id = _document_id(value["id"], line_no, where) if allow_id and "id" in value else None
     kind = _document_kind(value, line_no, where, allow_id)
     inner = value[kind]
-    sub = f"{where}.{kind}" if where else kind
     if not isinstance(inner, str) or not inner.strip():
-        raise errors.InputError("must be a non-empty string", line=line_no, field=sub)
+        raise errors.InputError("must be a non-empty string", line=line_no, field=_sub(where, kind))
     if len(inner) > max_chars:
         raise errors.InputError(
-            over_cap(len(inner), "characters", max_chars), line=line_no, field=sub
+            over_cap(len(inner), "characters", max_chars), line=line_no, field=_sub(where, kind)
         )
     return DocumentInput(
         f'{{"{kind}":{_encode_string(inner)}}}', is_image=kind == "image", doc_id=doc_id
     )
 
 
+def _sub(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
 def _document_id(raw_id: Any, line_no: int, where: str) -> str:
     if not isinstance(raw_id, str | int) or isinstance(raw_id, bool):
         raise errors.InputError("must be a string or an integer", line=line_no, field=f"{where}id")
     doc_id = str(raw_id)
-    if len(doc_id) > constants.MAX_DOC_ID_CHARS:
+    if len(doc_id) > MAX_DOC_ID_CHARS:
         raise errors.InputError(
             over_cap(len(doc_id), "characters", constants.MAX_DOC_ID_CHARS),
             line=line_no,
@@ -287,6 +300,11 @@ def _document_id(raw_id: Any, line_no: int, where: str) -> str:
 
 def _document_kind(body: dict[str, Any], line_no: int, where: str, allow_id: bool) -> str:
     """'text' or 'image', whichever the document object holds; any other field is an error."""
+    if len(body) - (allow_id and "id" in body) == 1:  # the common case, in two lookups
+        if "text" in body:
+            return "text"
+        if "image" in body:
+            return "image"
     extra = [k for k in body if k not in DOCUMENT_KINDS and not (allow_id and k == "id")]
     if extra:
         name = shown(min(extra))
@@ -426,14 +444,8 @@ def iter_requests(
     """Yield validated requests; raise InputError at the first bad line."""
     seen: dict[str, int] = {}
     position = 0
-    for line_no, raw in enumerate(lines, start=1):
-        if line_no == 1:
-            raw = _without_byte_order_mark(raw)
-        if not raw.strip():
-            continue
-        text, value = _line_value(raw, line_no, limits)
+    for line_no, text, value in _parsed_lines(lines, REQUEST_TEXT_FIELDS, limits.max_line_bytes):
         try:
-            _check_characters(text, value, line_no, REQUEST_TEXT_FIELDS)
             request = parse_request(
                 value,
                 line_no=line_no,
@@ -466,14 +478,8 @@ def iter_corpus(
     """Yield the documents of a corpus file (one per line, with an optional "id")."""
     count = 0
     max_chars = limits.max_document_chars
-    for line_no, raw in enumerate(lines, start=1):
-        if line_no == 1:
-            raw = _without_byte_order_mark(raw)
-        if not raw.strip():
-            continue
-        text, value = _line_value(raw, line_no, limits)
+    for line_no, text, value in _parsed_lines(lines, CORPUS_TEXT_FIELDS, limits.max_line_bytes):
         try:
-            _check_characters(text, value, line_no, CORPUS_TEXT_FIELDS)
             document = parse_document(
                 value, line_no=line_no, where="", allow_id=True, max_chars=max_chars
             )
