@@ -8,6 +8,7 @@ go through the use case; a process per example is slow, so the CLI gets a few.
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 from pathlib import Path
@@ -45,7 +46,7 @@ def use_case_entry() -> Any:
 
     def entry(submit: HostileSubmit) -> str | None:
         options = JobOptions(query=submit.query, top_n=submit.top_n, model=submit.model)
-        lines = ingest.read_lines(_stream(submit.data), config.max_line_bytes)
+        lines = ingest.read_lines(io.BytesIO(submit.data), config.max_line_bytes)
         try:
             result = submit_job(lines, source="fuzz", options=options, settings=config)
         except errors.InputError as exc:
@@ -54,12 +55,6 @@ def use_case_entry() -> Any:
         return result.job_id
 
     return entry
-
-
-def _stream(data: bytes) -> Any:
-    import io
-
-    return io.BytesIO(data)
 
 
 def cli_entry(env: Env, tmp_path: Path) -> Any:
