@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker import constants, errors
+from worker import constants, errors, ingest
 from worker.settings import Settings, get_settings
 
 app = typer.Typer(
@@ -187,7 +187,8 @@ def submit(
         )
         stream, source = _open_lines(file)
         with stream:
-            result = submit_job(stream, source=source, options=options, settings=settings)
+            lines = ingest.read_lines(stream, settings.max_line_bytes)
+            result = submit_job(lines, source=source, options=options, settings=settings)
         for warning in result.warnings:
             err.print(f"[yellow]warning:[/] {escape(warning)}")
         if not result.enqueued:

@@ -77,3 +77,24 @@ BUDGET_TTL_S = 7 * 24 * 3600
 # Where `rerank-worker api` listens unless told otherwise.
 API_HOST = "127.0.0.1"
 API_PORT = 8080
+
+# Input caps. A line, a document and a request are bounded so that one stranger's input cannot
+# take a process's memory; the defaults here are settings (RERANK_MAX_LINE_BYTES, ...).
+DEFAULT_MAX_LINE_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_DOCUMENT_CHARS = 8 * 1024 * 1024
+DEFAULT_MAX_DOCUMENTS_PER_REQUEST = 100_000
+DEFAULT_MAX_QUERY_CHARS = 1024 * 1024
+# These follow the columns that store them (worker/db/models.py), so they are not settings.
+MAX_CUSTOM_ID_CHARS = 200
+MAX_MODEL_CHARS = 100
+MAX_DOC_ID_CHARS = 200
+MAX_IDEMPOTENCY_KEY_CHARS = 200
+MAX_WEBHOOK_URL_CHARS = 2000
+MAX_TASK_NAME_CHARS = 200
+MAX_SOURCE_CHARS = 500
+MAX_TOP_N = 2**31 - 1  # INTEGER
+MAX_TOKENS_CAP = 2**63 - 1  # BIGINT
+MAX_COST_CAP = 10**9  # NUMERIC(18, 9) holds less than this
+# Accepted input nests 3 levels deep at most; anything deeper than this is refused as such,
+# well below the depth where Python's JSON parser runs out of stack.
+MAX_JSON_DEPTH = 32

@@ -34,6 +34,10 @@ class JobNotFinished(RerankError):
     pass
 
 
+class StorageError(RerankError):
+    """The database failed (not because of a value in the input)."""
+
+
 class InputError(RerankError):
     """A requests file is bad; names the line (1-based) and the field."""
 

@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     max_documents_per_call: int | None = Field(None, ge=1)
     default_model: str = constants.DEFAULT_MODEL
     max_attempts: int = Field(constants.DEFAULT_MAX_ATTEMPTS, ge=1)
+    # Caps on input (worker/ingest.py names them in its errors).
+    max_line_bytes: int = Field(constants.DEFAULT_MAX_LINE_BYTES, ge=1)
+    max_document_chars: int = Field(constants.DEFAULT_MAX_DOCUMENT_CHARS, ge=1)
+    max_documents_per_request: int = Field(constants.DEFAULT_MAX_DOCUMENTS_PER_REQUEST, ge=1)
+    max_query_chars: int = Field(constants.DEFAULT_MAX_QUERY_CHARS, ge=1)
 
     call_timeout_s: float = Field(constants.DEFAULT_CALL_TIMEOUT_S, gt=0)
     backoff_base_s: float = Field(constants.DEFAULT_BACKOFF_BASE_S, ge=0)

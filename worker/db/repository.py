@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import json
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+import psycopg
 from sqlalchemy import (
     ColumnElement,
     CursorResult,
@@ -25,9 +28,11 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from worker import errors
 from worker.cache import KEY_BYTES
 from worker.db.base import utcnow
 from worker.db.models import (
@@ -105,6 +110,51 @@ class UsageRow:
     usage_unknown_calls: int = 0
 
 
+# Where PostgreSQL says which value of a COPY it refused: "COPY request, line 1, column top_n".
+_COPY_COLUMN = re.compile(r"column (\w+)")
+
+
+def _refusal(table: str, exc: BaseException) -> errors.InputError:
+    """A value the database or its driver refused, as bad input naming the table (and the
+    column, when the database says which)."""
+    column = None
+    diag = getattr(exc, "diag", None)
+    if diag is not None:
+        column = diag.column_name
+        found = _COPY_COLUMN.search(diag.context or "")
+        column = column or (found.group(1) if found else None)
+        reason = diag.message_primary or str(exc)
+    else:
+        reason = str(exc)
+    where = f"{table}.{column}" if column else table
+    return errors.InputError(
+        f"the database refused a value for {where}: {reason.splitlines()[0]}", field=column
+    )
+
+
+@contextlib.contextmanager
+def _refused_values(table: str) -> Iterator[None]:
+    """The storage edge of submit: what validation let through and the database refuses
+    is bad input; any other failure of the driver used directly is a StorageError. Other
+    SQLAlchemy errors pass as they are."""
+    try:
+        yield
+    except (UnicodeEncodeError, OverflowError, psycopg.DataError, sa_exc.DataError) as exc:
+        raise _refusal(table, exc) from exc
+    except sa_exc.StatementError as exc:
+        if isinstance(exc.orig, UnicodeEncodeError | OverflowError):
+            raise _refusal(table, exc.orig) from exc
+        raise
+    except psycopg.Error as exc:
+        raise errors.StorageError(f"database error ({type(exc).__name__}): {exc}") from exc
+
+
+def insert_job(session: Session, job: Job) -> None:
+    with _refused_values("job"):
+        session.add(job)
+        session.flush()
+
+
 def find_job_by_idempotency_key(session: Session, tenant_id: int | None, key: str) -> Job | None:
     """The job of this tenant's (or, with None, the CLI's) idempotency key."""
     owner = Job.tenant_id.is_(None) if tenant_id is None else Job.tenant_id == tenant_id
@@ -133,7 +183,8 @@ def insert_requests(session: Session, rows: list[dict[str, Any]]) -> list[int]:
     table = REQUEST_TABLE
     if not _on_postgresql(session):
         statement = insert(table).returning(table.c.id, sort_by_parameter_order=True)
-        return list(session.execute(statement, rows).scalars())
+        with _refused_values("request"):
+            return list(session.execute(statement, rows).scalars())
     ids = list(
         session.execute(
             text(
@@ -143,9 +194,13 @@ def insert_requests(session: Session, rows: list[dict[str, Any]]) -> list[int]:
         ).scalars()
     )
     columns = ("id", *rows[0])
-    _copy(
-        session, "request", columns, ((i, *row.values()) for i, row in zip(ids, rows, strict=True))
-    )
+    with _refused_values("request"):
+        _copy(
+            session,
+            "request",
+            columns,
+            ((i, *row.values()) for i, row in zip(ids, rows, strict=True)),
+        )
     return ids
 
 
@@ -163,15 +218,17 @@ def insert_documents(session: Session, rows: Iterable[DocumentRow]) -> int:
     COPY, so the server stores rows while the caller parses the next ones. Other
     databases get multi-row INSERTs of DOCUMENT_INSERT_BATCH rows.
     """
-    if _on_postgresql(session):
-        return _copy(session, "document", DOCUMENT_COLUMNS, rows)
-    count = 0
-    for batch in _chunks(rows, DOCUMENT_INSERT_BATCH):
-        session.execute(
-            insert(DOCUMENT_TABLE), [dict(zip(DOCUMENT_COLUMNS, row, strict=True)) for row in batch]
-        )
-        count += len(batch)
-    return count
+    with _refused_values("document"):
+        if _on_postgresql(session):
+            return _copy(session, "document", DOCUMENT_COLUMNS, rows)
+        count = 0
+        for batch in _chunks(rows, DOCUMENT_INSERT_BATCH):
+            session.execute(
+                insert(DOCUMENT_TABLE),
+                [dict(zip(DOCUMENT_COLUMNS, row, strict=True)) for row in batch],
+            )
+            count += len(batch)
+        return count
 
 
 def _chunks(rows: Iterable[DocumentRow], size: int) -> Iterator[list[DocumentRow]]:

@@ -49,20 +49,62 @@ class JobOptions:
     max_tokens: int | None = None
     max_cost: float | None = None
 
-    def check(self) -> None:
+    def check(self, limits: ingest.Limits = ingest.DEFAULT_LIMITS) -> None:
         """InputError naming the option that cannot work; nothing is stored before this."""
         if self.priority not in constants.PRIORITIES:
             raise errors.InputError(
                 f"must be one of {', '.join(constants.PRIORITIES)}", field="priority"
             )
-        if self.top_n is not None and self.top_n < 1:
-            raise errors.InputError("must be a positive integer", field="top_n")
+        _check_number("top_n", self.top_n, constants.MAX_TOP_N)
+        _check_number("max_tokens", self.max_tokens, constants.MAX_TOKENS_CAP)
+        if self.max_cost is not None and not 0 < self.max_cost < constants.MAX_COST_CAP:
+            raise errors.InputError(
+                f"must be a positive number below {constants.MAX_COST_CAP:,}", field="max_cost"
+            )
         if self.query is not None and not self.query.strip():
             raise errors.InputError("must not be empty", field="query")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise errors.InputError("must be a positive integer", field="max_tokens")
-        if self.max_cost is not None and not self.max_cost > 0:
-            raise errors.InputError("must be a positive number", field="max_cost")
+        if self.model and not self.model.strip():
+            raise errors.InputError("must not be blank", field="model")
+        texts = {
+            "query": (self.query, limits.max_query_chars),
+            "model": (self.model, constants.MAX_MODEL_CHARS),
+            "idempotency_key": (self.idempotency_key, constants.MAX_IDEMPOTENCY_KEY_CHARS),
+            "webhook_url": (self.webhook_url, constants.MAX_WEBHOOK_URL_CHARS),
+            "on_complete": (self.on_complete, constants.MAX_TASK_NAME_CHARS),
+        }
+        for name, (value, cap) in texts.items():
+            if value is None:
+                continue
+            if len(value) > cap:
+                raise errors.InputError(ingest.over_cap(len(value), "characters", cap), field=name)
+            reason = ingest.unstorable(value)
+            if reason:
+                raise errors.InputError(reason, field=name)
+
+
+def _check_number(name: str, value: int | None, cap: int) -> None:
+    if value is None:
+        return
+    if value < 1:
+        raise errors.InputError("must be a positive integer", field=name)
+    if value > cap:
+        raise errors.InputError(f"over the cap of {cap:,}", field=name)
+
+
+def input_limits(settings: Settings) -> ingest.Limits:
+    return ingest.Limits(
+        max_line_bytes=settings.max_line_bytes,
+        max_document_chars=settings.max_document_chars,
+        max_documents_per_request=settings.max_documents_per_request,
+        max_query_chars=settings.max_query_chars,
+    )
+
+
+def _stored_source(source: str) -> str:
+    """The file name as a text column can hold it: a name that is not valid UTF-8 (an
+    undecodable byte becomes a lone surrogate in Python) keeps its bytes as escapes."""
+    safe = source.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+    return safe[: constants.MAX_SOURCE_CHARS]
 
 
 @dataclass(frozen=True)
@@ -173,11 +215,12 @@ def _store_corpus(
     request: ingest.RequestInput,
     warnings: list[str],
     per_call_cap: int | None,
+    limits: ingest.Limits,
 ) -> _Stored:
     """One request whose documents stream from the file into the database as they are
     validated (constant memory; on PostgreSQL one COPY, fed while the file is parsed)."""
     (request_id,) = repository.insert_requests(session, [_request_row(job_id, request, utcnow())])
-    documents = _document_rows(request_id, ingest.iter_corpus(lines))
+    documents = _document_rows(request_id, ingest.iter_corpus(lines, limits=limits))
     count = repository.insert_documents(session, documents)
     repository.set_document_count(session, request_id, count)
     warning = _split_warning(request, count, per_call_cap)
@@ -201,7 +244,8 @@ def submit_job(
     """
     settings = settings or get_settings()
     options = options or JobOptions()
-    options.check()
+    limits = input_limits(settings)
+    options.check(limits)
     model = options.model or settings.default_model
     maker = sessions(settings)
     with maker() as session:
@@ -214,23 +258,23 @@ def submit_job(
         job_id = uuid.uuid4().hex
         warnings: list[str] = []
         try:
-            session.add(
-                Job(
-                    id=job_id,
-                    status=JobStatus.QUEUED,
-                    priority=options.priority,
-                    source=source[:500],
-                    tenant_id=tenant_id,
-                    idempotency_key=options.idempotency_key,
-                    use_cache=options.use_cache,
-                    webhook_url=options.webhook_url,
-                    on_complete=options.on_complete,
-                    max_tokens=options.max_tokens,
-                    max_cost=options.max_cost,
-                )
-            )
             try:
-                session.flush()
+                repository.insert_job(
+                    session,
+                    Job(
+                        id=job_id,
+                        status=JobStatus.QUEUED,
+                        priority=options.priority,
+                        source=_stored_source(source),
+                        tenant_id=tenant_id,
+                        idempotency_key=options.idempotency_key,
+                        use_cache=options.use_cache,
+                        webhook_url=options.webhook_url,
+                        on_complete=options.on_complete,
+                        max_tokens=options.max_tokens,
+                        max_cost=options.max_cost,
+                    ),
+                )
             except IntegrityError:
                 # The same key's submit at the same moment (another API process) stored
                 # its job first: this one answers that job.
@@ -252,10 +296,10 @@ def submit_job(
                     top_n=options.top_n,
                     return_documents=False,
                 )
-                stored = _store_corpus(session, job_id, lines, corpus, warnings, cap)
+                stored = _store_corpus(session, job_id, lines, corpus, warnings, cap, limits)
             else:
                 requests = ingest.iter_requests(
-                    lines, default_model=model, default_top_n=options.top_n
+                    lines, default_model=model, default_top_n=options.top_n, limits=limits
                 )
                 stored = _store_requests(session, job_id, requests, warnings, cap)
             job = session.get(Job, job_id)
