@@ -794,7 +794,9 @@ def claim_notifications(
 
     One conditional UPDATE: on PostgreSQL the candidates are picked FOR UPDATE SKIP LOCKED,
     so workers claiming at once take different rows; SQLite runs one writer at a time, and
-    the condition is checked again on each row as it is updated.
+    the condition is checked again on each row as it is updated. The candidates are a CTE:
+    PostgreSQL runs one once, where it may run an IN (subquery) again for each row and so
+    take more than `limit` rows.
     """
     due = _due(now)
     picked = (
@@ -803,10 +805,11 @@ def claim_notifications(
         .order_by(Notification.next_attempt_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
+        .cte("picked")
     )
     rows = session.execute(
         update(Notification)
-        .where(Notification.id.in_(picked), due)
+        .where(Notification.id.in_(select(picked.c.id)), due)
         .values(
             status=NotificationStatus.DELIVERING,
             attempts=Notification.attempts + 1,
