@@ -6,7 +6,7 @@ import datetime as dt
 import itertools
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -764,8 +764,8 @@ class ClaimedNotification:
     queue: str | None
     payload: str
     attempt: int
-    # The tenant's webhook secret; None for the CLI's jobs. Held in memory only.
-    secret: str | None
+    # The tenant's webhook secret; None for the CLI's jobs. Held in memory only, never shown.
+    secret: str | None = field(repr=False)
 
 
 def _due(now: dt.datetime) -> ColumnElement[bool]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import httpx
 import kombu.exceptions
 import redis
+from standardwebhooks.webhooks import EmptyWebhookSecretError
 
 from worker import errors
 from worker.db.models import NotificationKind
@@ -79,7 +80,12 @@ class Sender:
                 return None, exc.reason
             if refused is not None:
                 return None, f"refused: the host resolves to {refused}, not a public address"
-        headers = signing.signed_headers(secret, notification.message_id, notification.payload, now)
+        try:
+            headers = signing.signed_headers(
+                secret, notification.message_id, notification.payload, now
+            )
+        except (ValueError, EmptyWebhookSecretError):
+            return None, "the signing secret is not 'whsec_' followed by base64"
         try:
             response = self._http.post(url, content=notification.payload.encode(), headers=headers)
         except httpx.TimeoutException:
