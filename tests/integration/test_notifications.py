@@ -160,7 +160,8 @@ def test_webhook_is_signed_and_retried_with_one_id_until_a_2xx(
 def test_a_retry_due_when_its_worker_is_killed_is_sent_by_the_next_worker(
     make_env: Any, database_url: str, receiver: Receiver, tmp_path: Path
 ) -> None:
-    env: Env = make_env(database_url, **{**FAST, "RERANK_WEBHOOK_RETRY_SCHEDULE_S": "3"})
+    # The retry is due 5 s after the first attempt: the first worker is dead by then.
+    env: Env = make_env(database_url, **{**FAST, "RERANK_WEBHOOK_RETRY_SCHEDULE_S": "5"})
     receiver.answers = [503]
     first = env.start_worker(concurrency=4, name="first")
     job_id = small_job(env, tmp_path, "--webhook-url", receiver.url)
