@@ -166,6 +166,17 @@ def submit(
         float | None,
         typer.Option("--max-cost", help="Cap on the job's cost, in the price table's currency."),
     ] = None,
+    webhook_url: Annotated[
+        str | None,
+        typer.Option("--webhook-url", help="POST a signed webhook here when the job ends."),
+    ] = None,
+    on_complete: Annotated[
+        str | None,
+        typer.Option("--on-complete", help="Send this Celery task (job_id, status) when it ends."),
+    ] = None,
+    on_complete_queue: Annotated[
+        str, typer.Option("--on-complete-queue", help="The queue of the --on-complete task.")
+    ] = constants.DEFAULT_ON_COMPLETE_QUEUE,
     wait_: Annotated[bool, typer.Option("--wait", help="Wait until the job ends.")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -184,6 +195,9 @@ def submit(
             use_cache=use_cache,
             max_tokens=max_tokens,
             max_cost=max_cost,
+            webhook_url=webhook_url,
+            on_complete=on_complete,
+            on_complete_queue=on_complete_queue,
         )
         stream, source = _open_lines(file)
         with stream:
@@ -301,6 +315,44 @@ def status(job: str, as_json: Annotated[bool, typer.Option("--json")] = False) -
         )
     for warning in info["warnings"]:
         out.print(f"[yellow]warning:[/] {escape(warning)}")
+    for notification in info["notifications"]:
+        out.print(f"notification: {_notification_line(notification)}")
+
+
+def _notification_line(notification: dict[str, Any]) -> str:
+    code = notification["last_status_code"]
+    return escape(
+        f"{notification['kind']} {notification['id']} {notification['status']} after "
+        f"{notification['attempts']} attempts" + (f", last HTTP {code}" if code else "")
+    )
+
+
+@app.command()
+def webhooks(job: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """A job's notifications (webhooks, Celery callback) and every attempt at each."""
+    from worker.service import read
+
+    with _errors():
+        rows = read.job_notifications(job, _settings())
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        out.print(f"job {job} has no notifications")
+    for notification in rows:
+        target = notification["target"]
+        if notification["queue"]:
+            target += f" (queue {notification['queue']})"
+        out.print(f"[bold]{_notification_line(notification)}[/]  {escape(target)}")
+        if notification["next_attempt_at"]:
+            out.print(f"  next attempt at {notification['next_attempt_at']}")
+        table = Table("attempt", "started", "status", "error", "ms")
+        for attempt in notification["attempt_log"]:
+            table.add_row(
+                str(attempt["attempt"]), attempt["started_at"], str(attempt["status_code"] or "-"),
+                escape(attempt["error"] or ""), f"{attempt['duration_ms']:.0f}",
+            )  # fmt: skip
+        out.print(table)
 
 
 @app.command()

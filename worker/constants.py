@@ -98,3 +98,18 @@ MAX_COST_CAP = 10**9  # NUMERIC(18, 9) holds less than this
 # Accepted input nests 3 levels deep at most; anything deeper than this is refused as such,
 # well below the depth where Python's JSON parser runs out of stack.
 MAX_JSON_DEPTH = 32
+
+# Completion notifications (webhooks and the Celery callback), delivered from an outbox in SQL.
+# Attempts per notification, and the pause after each failed one: Svix's schedule (its first
+# retry 5 s after the first attempt), held at its last step once it runs out.
+DEFAULT_WEBHOOK_MAX_ATTEMPTS = 10
+DEFAULT_WEBHOOK_RETRY_SCHEDULE_S = "5,300,1800,7200,18000,36000"
+# One POST (connect, send, wait, read) must finish within this.
+WEBHOOK_TIMEOUT_S = 10.0
+# A delivery in progress is leased for this long; past it, another worker sends it again.
+WEBHOOK_LEASE_S = 60.0
+# How often a worker's delivery thread looks for due notifications, and how many it sends at once.
+WEBHOOK_POLL_INTERVAL_S = 1.0
+WEBHOOK_BATCH = 8
+# A Celery callback goes to this queue unless the job names another.
+DEFAULT_ON_COMPLETE_QUEUE = "celery"

@@ -32,6 +32,7 @@ from worker.db.session import in_transaction
 from worker.domain import RequestOutcome, RequestWork
 from worker.redis_clients import redis_url, sync_redis
 from worker.runtime import Engine
+from worker.service import ending
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def record(session: Session, outcomes: list[RequestOutcome], jobs_still_running:
     request still running in this process has not, and its last outcome checks again."""
     repository.record_outcomes(session, outcomes)
     for job_id in {o.job_id for o in outcomes} - jobs_still_running:
-        repository.complete_job_if_done(session, job_id)
+        ending.complete_job_if_done(session, job_id)
 
 
 class Pipeline:

@@ -11,6 +11,8 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker import constants, errors
+from worker.webhooks.schedule import RetrySchedule
+from worker.webhooks.signing import is_webhook_secret
 
 
 @dataclass(frozen=True)
@@ -80,10 +82,40 @@ class Settings(BaseSettings):
     # runs several processes gives each a share, so they do not poll for one another's.
     process_slots: int | None = Field(None, ge=1)
 
+    # Completion notifications. A webhook URL resolving to a non-public address is refused
+    # unless this allows it (tests, private networks).
+    webhook_allow_private: bool = False
+    webhook_max_attempts: int = Field(constants.DEFAULT_WEBHOOK_MAX_ATTEMPTS, ge=1)
+    webhook_retry_schedule_s: str = constants.DEFAULT_WEBHOOK_RETRY_SCHEDULE_S
+    # Signs the webhooks of jobs that belong to no tenant (the CLI's); `whsec_` + base64.
+    webhook_secret: SecretStr | None = None
+    webhook_timeout_s: float = Field(constants.WEBHOOK_TIMEOUT_S, gt=0)
+    webhook_lease_s: float = Field(constants.WEBHOOK_LEASE_S, gt=0)
+    webhook_poll_interval_s: float = Field(constants.WEBHOOK_POLL_INTERVAL_S, gt=0)
+
     @field_validator("api_base")
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @field_validator("webhook_retry_schedule_s")
+    @classmethod
+    def _check_schedule(cls, value: str) -> str:
+        RetrySchedule.parse(value, max_attempts=1)
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            return None
+        if value is not None and not is_webhook_secret(value.get_secret_value()):
+            raise ValueError("RERANK_WEBHOOK_SECRET must be 'whsec_' followed by base64")
+        return value
+
+    @functools.cached_property
+    def webhook_retry_schedule(self) -> RetrySchedule:
+        return RetrySchedule.parse(self.webhook_retry_schedule_s, self.webhook_max_attempts)
 
     @functools.cached_property
     def keys(self) -> tuple[ApiKey, ...]:

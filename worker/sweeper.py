@@ -16,6 +16,7 @@ from worker.db import repository
 from worker.db.base import utcnow
 from worker.db.session import in_transaction
 from worker.redis_clients import redis_url, sync_redis
+from worker.service import ending
 from worker.service.submit import publish
 from worker.settings import Settings, get_settings
 
@@ -38,7 +39,7 @@ def sweep_once(settings: Settings) -> int:
         queues_empty = all(client.llen(q) == 0 for q in constants.PRIORITIES)
         stale = repository.stale_queued(session, stale_before) if queues_empty else []
         for job_id in repository.unfinished_job_ids(session):
-            repository.complete_job_if_done(session, job_id)
+            ending.complete_job_if_done(session, job_id)
         return expired + stale
 
     found = in_transaction(settings.sqlalchemy_url(), find)

@@ -10,6 +10,7 @@ from worker import constants, pipeline, sweeper
 from worker.celery_app import app
 from worker.service import run
 from worker.settings import get_settings
+from worker.webhooks import delivery
 
 
 @app.task(name=constants.RUN_REQUESTS_TASK, ignore_result=True)
@@ -23,6 +24,11 @@ def _start_sweeper(**_: Any) -> None:
 
 
 @signals.worker_ready.connect
+def _start_notifications(**_: Any) -> None:
+    delivery.start_delivery()
+
+
+@signals.worker_ready.connect
 def _watch_interactive(sender: Any, **_: Any) -> None:
     """A worker that takes interactive messages must not have every thread held by bulk."""
     queues = {queue.name for queue in sender.task_consumer.queues}
@@ -33,4 +39,5 @@ def _watch_interactive(sender: Any, **_: Any) -> None:
 @signals.worker_shutdown.connect
 def _stop(**_: Any) -> None:
     sweeper.stop_sweeper()
+    delivery.stop_delivery()
     pipeline.close_pipeline(timeout_s=get_settings().call_timeout_s * 2)

@@ -43,6 +43,19 @@ class RequestStatus(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
+class NotificationKind(enum.StrEnum):
+    WEBHOOK = "webhook"
+    CELERY = "celery"
+
+
+class NotificationStatus(enum.StrEnum):
+    PENDING = "pending"
+    DELIVERING = "delivering"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+JOB_OPEN = (JobStatus.QUEUED, JobStatus.RUNNING)
 JOB_ENDED = (JobStatus.COMPLETED, JobStatus.CANCELLED, JobStatus.FAILED)
 REQUEST_PENDING = (RequestStatus.QUEUED, RequestStatus.RUNNING)
 
@@ -80,6 +93,7 @@ class Job(Base):
     # Told when the job ends: a URL to POST a signed webhook to, a Celery task to send.
     webhook_url: Mapped[str | None] = mapped_column(String(2000))
     on_complete: Mapped[str | None] = mapped_column(String(200))
+    on_complete_queue: Mapped[str | None] = mapped_column(String(200))
     # Caps on what the job may bill (tokens; cost in the price table's currency).
     max_tokens: Mapped[int | None] = mapped_column(BigInteger)
     max_cost: Mapped[float | None] = mapped_column(Numeric(18, 9, asdecimal=False))
@@ -136,6 +150,54 @@ class Request(Base):
     tokens_saved: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     error_type: Mapped[str | None] = mapped_column(String(50))
     error_message: Mapped[str | None] = mapped_column(Text)
+
+
+class Notification(Base):
+    """The outbox: one message telling a job's producer that the job ended, written in the
+    transaction that ended it and delivered by any worker, at least once.
+
+    `payload` is the exact body (a webhook's JSON, a Celery callback's JSON args), made once so
+    every attempt sends the same bytes under the same `message_id` (the `webhook-id`). A worker
+    sending it holds a lease (`lease_expires_at`); once that passes, the row is due again.
+    """
+
+    __tablename__ = "notification"
+    __table_args__ = (Index("ix_notification_status_next_attempt_at", "status", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"), index=True)
+    # The tenant whose webhook secret signs it; None for the CLI's jobs (RERANK_WEBHOOK_SECRET).
+    tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenant.id", ondelete="CASCADE"))
+    message_id: Mapped[str] = mapped_column(String(40), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    event: Mapped[str] = mapped_column(String(32))
+    # A webhook's URL, or a Celery callback's task name and queue.
+    target: Mapped[str] = mapped_column(String(2000))
+    queue: Mapped[str | None] = mapped_column(String(200))
+    payload: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default=NotificationStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class NotificationAttempt(Base):
+    """One attempt at sending a notification: an HTTP status, or why there was none."""
+
+    __tablename__ = "notification_attempt"
+    __table_args__ = (UniqueConstraint("notification_id", "attempt"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    notification_id: Mapped[int] = mapped_column(ForeignKey("notification.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[float] = mapped_column(Float)
 
 
 class Document(Base):

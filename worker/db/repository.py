@@ -8,7 +8,7 @@ import itertools
 import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import psycopg
@@ -17,6 +17,7 @@ from sqlalchemy import (
     CursorResult,
     Result,
     Table,
+    and_,
     bindparam,
     case,
     func,
@@ -37,16 +38,21 @@ from worker.cache import KEY_BYTES
 from worker.db.base import utcnow
 from worker.db.models import (
     JOB_ENDED,
+    JOB_OPEN,
     REQUEST_PENDING,
     Document,
     Job,
     JobStatus,
     ModelPrice,
+    Notification,
+    NotificationAttempt,
+    NotificationStatus,
     PriceUnit,
     RedisEpoch,
     Request,
     RequestStatus,
     ScoreCache,
+    Tenant,
     UpstreamCall,
     UsageDaily,
 )
@@ -666,26 +672,49 @@ def _float_array(values: Iterable[float]) -> str:
     return "{" + ",".join(map(repr, values)) + "}"
 
 
-def complete_job_if_done(session: Session, job_id: str) -> bool:
-    """A running job with no pending request is completed (never a cancelled one)."""
-    pending = (
-        select(Request.id)
-        .where(Request.job_id == job_id, Request.status.in_(REQUEST_PENDING))
-        .exists()
-    )
-    return bool(
-        _rowcount(
-            session.execute(
-                update(Job)
-                .where(
-                    Job.id == job_id,
-                    Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
-                    ~pending,
-                )
-                .values(status=JobStatus.COMPLETED, finished_at=utcnow())
-            )
+@dataclass(frozen=True)
+class EndedJob:
+    """A job that a statement just ended, with whom to tell."""
+
+    status: str
+    finished_at: dt.datetime
+    tenant_id: int | None
+    webhook_url: str | None
+    on_complete: str | None
+    on_complete_queue: str | None
+
+    @property
+    def has_notifications(self) -> bool:
+        return bool(self.webhook_url or self.on_complete)
+
+
+def mark_job_ended(
+    session: Session, job_id: str, status: JobStatus, *, only_when_done: bool = False
+) -> EndedJob | None:
+    """End a queued or running job (with `only_when_done`, only if no request is pending);
+    None when it had ended already. One statement: RETURNING hands back whom to tell.
+
+    Call worker.service.ending instead: it writes the job's notifications in this same
+    transaction.
+    """
+    statement = update(Job).where(Job.id == job_id, Job.status.in_(JOB_OPEN))
+    if only_when_done:
+        pending = (
+            select(Request.id)
+            .where(Request.job_id == job_id, Request.status.in_(REQUEST_PENDING))
+            .exists()
         )
-    )
+        statement = statement.where(~pending)
+    row = session.execute(
+        statement.values(status=status, finished_at=utcnow()).returning(
+            Job.finished_at, Job.tenant_id, Job.webhook_url, Job.on_complete, Job.on_complete_queue
+        )
+    ).first()
+    if row is None:
+        return None
+    finished_at, tenant_id, webhook_url, on_complete, on_complete_queue = row
+    assert finished_at is not None
+    return EndedJob(status, finished_at, tenant_id, webhook_url, on_complete, on_complete_queue)
 
 
 def recent_latencies_ms(session: Session, limit: int) -> list[float]:
@@ -718,14 +747,7 @@ def job_counts(session: Session, job_id: str) -> JobCounts:
     )
 
 
-def cancel_job(session: Session, job_id: str) -> bool:
-    changed = _rowcount(
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
-            .values(status=JobStatus.CANCELLED, finished_at=utcnow())
-        )
-    )
+def cancel_queued_requests(session: Session, job_id: str) -> None:
     session.execute(
         update(Request)
         .where(Request.job_id == job_id, Request.status == RequestStatus.QUEUED)
@@ -736,7 +758,6 @@ def cancel_job(session: Session, job_id: str) -> bool:
             error_message="the job was cancelled before this request ran",
         )
     )
-    return bool(changed)
 
 
 RETRIED = (RequestStatus.FAILED, RequestStatus.CANCELLED)
@@ -913,10 +934,8 @@ def requeue_expired(session: Session, now: dt.datetime) -> list[tuple[int, str]]
     return [(request_id, priorities[job_id]) for request_id, job_id in expired]
 
 
-def complete_jobs_of_requests(session: Session, ids: Sequence[int]) -> None:
-    job_ids = session.scalars(select(Request.job_id).where(Request.id.in_(ids)).distinct())
-    for job_id in list(job_ids):
-        complete_job_if_done(session, job_id)
+def job_ids_of_requests(session: Session, ids: Sequence[int]) -> list[str]:
+    return list(session.scalars(select(Request.job_id).where(Request.id.in_(ids)).distinct()))
 
 
 def stale_queued(
@@ -1061,3 +1080,176 @@ def delete_cache_entries_before(session: Session, before: dt.datetime, limit: in
     if not keys:
         return 0
     return _rowcount(session.execute(table.delete().where(table.c.key.in_(keys))))
+
+
+def insert_notifications(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+    session.execute(insert(Notification), list(rows))
+
+
+@dataclass(frozen=True)
+class ClaimedNotification:
+    """A notification a worker holds the lease of, for its `attempt`th attempt."""
+
+    id: int
+    job_id: str
+    message_id: str
+    kind: str
+    target: str
+    queue: str | None
+    payload: str
+    attempt: int
+    # The tenant's webhook secret; None for the CLI's jobs. Held in memory only, never shown.
+    secret: str | None = field(repr=False)
+
+
+def _due(now: dt.datetime) -> ColumnElement[bool]:
+    """Waiting for its next attempt, or held by a worker whose lease ran out (it died)."""
+    return or_(
+        and_(
+            Notification.status == NotificationStatus.PENDING,
+            Notification.next_attempt_at <= now,
+        ),
+        and_(
+            Notification.status == NotificationStatus.DELIVERING,
+            Notification.lease_expires_at <= now,
+        ),
+    )
+
+
+def any_notification_due(session: Session, now: dt.datetime) -> bool:
+    """A read, so that idle workers polling the outbox take no write lock (SQLite)."""
+    return session.scalar(select(Notification.id).where(_due(now)).limit(1)) is not None
+
+
+def claim_notifications(
+    session: Session, now: dt.datetime, *, lease_s: float, limit: int
+) -> list[ClaimedNotification]:
+    """Lease up to `limit` due notifications and count the attempt about to be made.
+
+    One conditional UPDATE: on PostgreSQL the candidates are picked FOR UPDATE SKIP LOCKED,
+    so workers claiming at once take different rows; SQLite runs one writer at a time, and
+    the condition is checked again on each row as it is updated. The candidates are a CTE:
+    PostgreSQL runs one once, where it may run an IN (subquery) again for each row and so
+    take more than `limit` rows.
+    """
+    due = _due(now)
+    picked = (
+        select(Notification.id)
+        .where(due)
+        .order_by(Notification.next_attempt_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .cte("picked")
+    )
+    rows = session.execute(
+        update(Notification)
+        .where(Notification.id.in_(select(picked.c.id)), due)
+        .values(
+            status=NotificationStatus.DELIVERING,
+            attempts=Notification.attempts + 1,
+            lease_expires_at=now + dt.timedelta(seconds=lease_s),
+        )
+        .returning(
+            Notification.id,
+            Notification.job_id,
+            Notification.message_id,
+            Notification.kind,
+            Notification.target,
+            Notification.queue,
+            Notification.payload,
+            Notification.attempts,
+            Notification.tenant_id,
+        )
+    ).all()
+    tenants = {row.tenant_id for row in rows if row.tenant_id is not None}
+    secrets = (
+        dict(
+            session.execute(select(Tenant.id, Tenant.webhook_secret).where(Tenant.id.in_(tenants)))
+            .tuples()
+            .all()
+        )
+        if tenants
+        else {}
+    )
+    return [
+        ClaimedNotification(
+            id=row.id,
+            job_id=row.job_id,
+            message_id=row.message_id,
+            kind=row.kind,
+            target=row.target,
+            queue=row.queue,
+            payload=row.payload,
+            attempt=row.attempts,
+            secret=secrets.get(row.tenant_id) if row.tenant_id is not None else None,
+        )
+        for row in rows
+    ]
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """What one attempt did, and what the notification becomes after it."""
+
+    notification_id: int
+    attempt: int
+    started_at: dt.datetime
+    duration_ms: float
+    status_code: int | None
+    error: str | None
+    # delivered, pending (with next_attempt_at) or failed
+    outcome: NotificationStatus
+    next_attempt_at: dt.datetime | None = None
+
+
+def record_attempt(session: Session, record: AttemptRecord) -> bool:
+    """Log the attempt; move the notification on only if this attempt still holds its lease
+    (a worker that lost it to another one logs what it did and changes nothing else).
+    Returns whether it moved the notification on."""
+    session.execute(
+        insert(NotificationAttempt).values(
+            notification_id=record.notification_id,
+            attempt=record.attempt,
+            started_at=record.started_at,
+            status_code=record.status_code,
+            error=record.error,
+            duration_ms=record.duration_ms,
+        )
+    )
+    delivered = record.outcome == NotificationStatus.DELIVERED
+    values: dict[str, Any] = {
+        "status": record.outcome,
+        "lease_expires_at": None,
+        "last_status_code": record.status_code,
+        "last_error": record.error,
+    }
+    if delivered:
+        values["delivered_at"] = record.started_at + dt.timedelta(milliseconds=record.duration_ms)
+    if record.next_attempt_at is not None:
+        values["next_attempt_at"] = record.next_attempt_at
+    changed = session.execute(
+        update(Notification)
+        .where(
+            Notification.id == record.notification_id,
+            Notification.attempts == record.attempt,
+            Notification.status == NotificationStatus.DELIVERING,
+        )
+        .values(values)
+    )
+    return bool(_rowcount(changed))
+
+
+def notifications_of_job(session: Session, job_id: str) -> Sequence[Notification]:
+    return session.scalars(
+        select(Notification).where(Notification.job_id == job_id).order_by(Notification.id)
+    ).all()
+
+
+def attempts_of_notifications(
+    session: Session, ids: Sequence[int]
+) -> Sequence[NotificationAttempt]:
+    return session.scalars(
+        select(NotificationAttempt)
+        .where(NotificationAttempt.notification_id.in_(ids))
+        .order_by(NotificationAttempt.notification_id, NotificationAttempt.attempt)
+    ).all()

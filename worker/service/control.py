@@ -6,6 +6,7 @@ from worker import constants, errors
 from worker.db import repository
 from worker.db.models import JOB_ENDED, JobStatus
 from worker.redis_clients import redis_url, sync_redis
+from worker.service import ending
 from worker.service.scope import OPERATOR, Scope, sessions, visible_job
 from worker.service.submit import JobOptions, enqueue_job
 from worker.settings import Settings, get_settings
@@ -17,7 +18,7 @@ def cancel_job(job_id: str, settings: Settings | None = None, scope: Scope = OPE
     settings = settings or get_settings()
     with sessions(settings).begin() as session:
         visible_job(session, job_id, scope)
-        changed = repository.cancel_job(session, job_id)
+        changed = ending.cancel_job(session, job_id)
     if changed:
         mark = constants.CANCELLED_JOB_KEY.format(job_id=job_id)
         sync_redis(redis_url(settings)).set(mark, "1", ex=constants.CANCEL_MARK_TTL_S)

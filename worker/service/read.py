@@ -10,7 +10,7 @@ from typing import IO, Any
 from sqlalchemy.orm import Session
 
 from worker.db import repository
-from worker.db.models import Job, RequestStatus
+from worker.db.models import Job, Notification, NotificationStatus, RequestStatus
 from worker.service.scope import OPERATOR, Scope, sessions, visible_job
 from worker.service.usage import cache_totals, usage_totals
 from worker.settings import Settings
@@ -46,14 +46,22 @@ def _progress(session: Session, job: Job) -> dict[str, Any]:
 def job_status(
     job_id: str, settings: Settings | None = None, scope: Scope = OPERATOR
 ) -> dict[str, Any]:
-    """The job's progress with its usage, score-cache savings and budget so far."""
+    """The job's progress with its usage, score-cache savings, budget and notifications."""
     with sessions(settings)() as session:
-        job = visible_job(session, job_id, scope)
-        progress = _progress(session, job)
-        rows = repository.usage(session, job_id)
-        savings = repository.cache_savings(session, job_id)
+        return job_object(session, visible_job(session, job_id, scope))
+
+
+def job_object(session: Session, job: Job, *, with_notifications: bool = True) -> dict[str, Any]:
+    """The job object of `status --json` and the API, read in the caller's session.
+
+    A webhook's body carries it without `notifications`: that list would describe the very
+    message being sent, as it was before its first attempt.
+    """
+    progress = _progress(session, job)
+    rows = repository.usage(session, job.id)
+    savings = repository.cache_savings(session, job.id)
     usage = usage_totals(rows)
-    return {
+    found = {
         **progress,
         "usage": usage,
         "cache": cache_totals(savings),
@@ -64,21 +72,73 @@ def job_status(
             "spent_cost": usage["cost"],
         },
     }
+    if with_notifications:
+        found["notifications"] = [
+            notification_summary(n) for n in repository.notifications_of_job(session, job.id)
+        ]
+    return found
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def notification_summary(notification: Notification) -> dict[str, Any]:
+    """One notification of a job: where it goes, and how far its delivery got."""
+    return {
+        "id": notification.message_id,
+        "kind": notification.kind,
+        "event": notification.event,
+        "target": notification.target,
+        "queue": notification.queue,
+        "status": notification.status,
+        "attempts": notification.attempts,
+        "last_status_code": notification.last_status_code,
+        "last_error": notification.last_error,
+        "next_attempt_at": (
+            _iso(notification.next_attempt_at)
+            if notification.status == NotificationStatus.PENDING
+            else None
+        ),
+        "created_at": _iso(notification.created_at),
+        "delivered_at": _iso(notification.delivered_at),
+    }
+
+
+def job_notifications(
+    job_id: str, settings: Settings | None = None, scope: Scope = OPERATOR
+) -> list[dict[str, Any]]:
+    """The job's notifications, each with every attempt made at it (`rerank-worker webhooks`)."""
+    with sessions(settings)() as session:
+        job = visible_job(session, job_id, scope)
+        notifications = repository.notifications_of_job(session, job.id)
+        attempts = repository.attempts_of_notifications(session, [n.id for n in notifications])
+    by_notification: dict[int, list[dict[str, Any]]] = {n.id: [] for n in notifications}
+    for attempt in attempts:
+        by_notification[attempt.notification_id].append(
+            {
+                "attempt": attempt.attempt,
+                "started_at": _iso(attempt.started_at),
+                "status_code": attempt.status_code,
+                "error": attempt.error,
+                "duration_ms": round(attempt.duration_ms, 1),
+            }
+        )
+    return [
+        {**notification_summary(n), "attempt_log": by_notification[n.id]} for n in notifications
+    ]
 
 
 def job_summary(job: Job) -> dict[str, Any]:
-    def iso(value: dt.datetime | None) -> str | None:
-        return value.isoformat() if value else None
-
     return {
         "id": job.id,
         "status": job.status,
         "priority": job.priority,
         "source": job.source,
         "total_requests": job.total_requests,
-        "created_at": iso(job.created_at),
-        "started_at": iso(job.started_at),
-        "finished_at": iso(job.finished_at),
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
     }
 
 

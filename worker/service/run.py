@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from worker import cache, constants
 from worker.db import repository
 from worker.domain import RequestWork
+from worker.service import ending
 from worker.service.scope import run_in_transaction
 from worker.settings import Settings, get_settings
 
@@ -34,7 +35,7 @@ def _claim(session: Session, ids: list[int], settings: Settings) -> list[Request
     )
     if poison:
         log.error("action=poison_request ids=%s", poison)
-        repository.complete_jobs_of_requests(session, poison)
+        ending.complete_jobs_of_requests(session, poison)
     return _with_cache_hits(session, work)
 
 

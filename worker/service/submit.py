@@ -21,6 +21,7 @@ from worker.db.base import utcnow
 from worker.db.models import Job, JobStatus, RequestStatus
 from worker.service.scope import run_in_transaction, sessions
 from worker.settings import Settings, get_settings
+from worker.webhooks import targets
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,15 @@ class JobOptions:
     use_cache: bool = True
     webhook_url: str | None = None
     on_complete: str | None = None
+    on_complete_queue: str = constants.DEFAULT_ON_COMPLETE_QUEUE
     max_tokens: int | None = None
     max_cost: float | None = None
 
-    def check(self, limits: ingest.Limits = ingest.DEFAULT_LIMITS) -> None:
-        """InputError naming the option that cannot work; nothing is stored before this."""
+    def check(
+        self, limits: ingest.Limits = ingest.DEFAULT_LIMITS, settings: Settings | None = None
+    ) -> None:
+        """InputError naming the option that cannot work; nothing is stored before this.
+        `settings` say which webhook URLs are allowed (default: the process's settings)."""
         if self.priority not in constants.PRIORITIES:
             raise errors.InputError(
                 f"must be one of {', '.join(constants.PRIORITIES)}", field="priority"
@@ -80,6 +85,23 @@ class JobOptions:
             reason = ingest.unstorable(value)
             if reason:
                 raise errors.InputError(reason, field=name)
+
+        if self.webhook_url is not None:
+            allow_private = (settings or get_settings()).webhook_allow_private
+            targets.check_webhook_url(self.webhook_url, allow_private=allow_private)
+        if self.on_complete is not None:
+            targets.check_task_name(self.on_complete)
+            targets.check_queue_name(self.on_complete_queue)
+
+    def check_signable(self, tenant_id: int | None, settings: Settings) -> None:
+        """A webhook is signed with its tenant's secret, or for a job of no tenant (the CLI's)
+        with the deployment's RERANK_WEBHOOK_SECRET, which must then be set."""
+        if self.webhook_url is not None and tenant_id is None and settings.webhook_secret is None:
+            raise errors.InputError(
+                "a job of no tenant is signed with RERANK_WEBHOOK_SECRET (whsec_ + base64), "
+                "which is not set",
+                field="webhook_url",
+            )
 
 
 def _check_number(name: str, value: int | None, cap: int) -> None:
@@ -245,7 +267,8 @@ def submit_job(
     settings = settings or get_settings()
     options = options or JobOptions()
     limits = input_limits(settings)
-    options.check(limits)
+    options.check(limits, settings)
+    options.check_signable(tenant_id, settings)
     model = options.model or settings.default_model
     maker = sessions(settings)
     with maker() as session:
@@ -271,6 +294,9 @@ def submit_job(
                         use_cache=options.use_cache,
                         webhook_url=options.webhook_url,
                         on_complete=options.on_complete,
+                        on_complete_queue=(
+                            options.on_complete_queue if options.on_complete else None
+                        ),
                         max_tokens=options.max_tokens,
                         max_cost=options.max_cost,
                     ),

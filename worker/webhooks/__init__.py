@@ -1,0 +1,1 @@
+"""Completion notifications: signed webhooks and Celery callbacks, sent from an outbox in SQL."""
