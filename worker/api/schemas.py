@@ -140,3 +140,10 @@ class JobParameters(BaseModel):
         pattern=NO_NUL,
         description="A Celery task sent (job_id, status) when the job ends",
     )
+    on_complete_queue: str = Field(
+        constants.DEFAULT_ON_COMPLETE_QUEUE,
+        min_length=1,
+        max_length=200,
+        pattern=NO_NUL,
+        description="The queue of the on_complete task",
+    )

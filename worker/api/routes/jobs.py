@@ -20,7 +20,7 @@ from worker.api.errors import error_response
 from worker.db.models import JOB_ENDED
 from worker.service import control, read
 from worker.service.scope import Scope
-from worker.service.submit import JobOptions
+from worker.service.submit import JobOptions, input_limits
 from worker.service.usage import usage_report
 from worker.settings import Settings
 
@@ -99,6 +99,7 @@ def _options(params: schemas.JobParameters, idempotency_key: str | None) -> JobO
         use_cache=params.cache,
         webhook_url=params.webhook_url,
         on_complete=params.on_complete,
+        on_complete_queue=params.on_complete_queue,
         max_tokens=params.max_tokens,
         max_cost=params.max_cost,
     )
@@ -132,7 +133,8 @@ async def create_job(
 ) -> Response:
     """Validate the whole body, store the job and enqueue it (`rerank-worker submit`)."""
     options = _options(params, idempotency_key)
-    options.check()
+    # A webhook URL is resolved to refuse private addresses: not on the event loop.
+    await run_in_threadpool(options.check, input_limits(settings), settings)
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     submit_args: dict[str, Any] = {
         "options": options,
