@@ -489,6 +489,15 @@ def wait_for_job(
         time.sleep(POLL_S)
 
 
+def shown_broker(url: str | None) -> str:
+    """The broker without its credentials."""
+    if not url:
+        return "the run's Redis"
+    parts = urlsplit(url)
+    host = f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+    return parts._replace(netloc=host).geturl()
+
+
 def sql_figures(database_url: str, job_id: str) -> dict[str, int]:
     """What SQL recorded: duplicate request rows and the upstream calls of the job."""
     with get_engine(database_url).connect() as connection:
@@ -595,11 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         recovery = round((ended_at - chaos.last_fault_at).total_seconds(), 2)
     figures: dict[str, Any] = {
         "seed": args.seed,
-        "broker": urlsplit(args.broker)
-        ._replace(netloc=urlsplit(args.broker).hostname or "")
-        .geturl()
-        if args.broker
-        else "the run's Redis",
+        "broker": shown_broker(args.broker),
         "job status": info["status"],
         "requests": len(requests),
         "succeeded": sum(line["status"] == "succeeded" for line in lines),
