@@ -163,14 +163,14 @@ class Pipeline:
 
     def _renew_leases(self) -> None:
         with self._room:
-            ids = list(self._running)
-        if not ids:
+            held = [(w.request_id, w.delivery) for w in self._running.values()]
+        if not held:
             return
-        renew = functools.partial(repository.renew_leases, ids=ids, lease_s=self._lease_s)
+        renew = functools.partial(repository.renew_leases, held=held, lease_s=self._lease_s)
         try:
             in_transaction(self._url, renew)
         except SQLAlchemyError:
-            log.exception("action=lease_renewal_failed requests=%d", len(ids))
+            log.exception("action=lease_renewal_failed requests=%d", len(held))
 
     def close(self, timeout_s: float) -> None:
         """Let running requests finish and be written (warm shutdown), then stop the engine."""
