@@ -236,17 +236,21 @@ class Env:
         )
 
     def start_worker(
-        self, concurrency: int = 6, name: str | None = None, processes: int = 1
+        self,
+        concurrency: int = 6,
+        name: str | None = None,
+        processes: int = 1,
+        via: tuple[str, ...] = (),
     ) -> subprocess.Popen[bytes]:
         """A real `rerank-worker worker` in its own process group; returns once it (each of
-        its processes) is ready."""
+        its processes) is ready. `via` prefixes the command (`ip netns exec HOST`)."""
         name = name or f"w{len(self.workers)}"
         log_path = self.tmp_path / f"worker-{name}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("RERANK_")}
         env.update(self.values)
         with log_path.open("wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "worker", "worker", "--concurrency", str(concurrency),
+                [*via, sys.executable, "-m", "worker", "worker", "--concurrency", str(concurrency),
                  "--hostname", f"{name}@%h", "--loglevel", "INFO", "--processes", str(processes)],
                 env=env,
                 stdout=log,
