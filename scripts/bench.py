@@ -54,6 +54,8 @@ PG_ADMIN = os.environ.get("RERANK_BENCH_PG", "postgresql://postgres@127.0.0.1:54
 KEYS = {f"k{i}": f"sk-bench-{i}-{uuid.uuid4().hex[:12]}" for i in range(1, 5)}
 SLOTS_PER_KEY = 8
 LATENCY_MS = 100.0
+# The yardstick the worker is measured against (see _bare_per_slot).
+REFERENCE = "bare client: a pool per key, a sender per slot (reference)"
 
 
 def free_port() -> int:
@@ -320,7 +322,8 @@ class Row:
 
 
 def bench_throughput(requests: int, docs: int, worker_args: list[str]) -> list[Row]:
-    """One `rerank-worker worker` at default settings; submit start to completed.
+    """One `rerank-worker worker` at default settings; submit start to completed, beside
+    the reference bare client making as many calls to the same stand-in just before.
 
     "First call after" is the part of that time before any upstream call: the start-up of
     `submit` (imports, parse, store, publish) and of the worker's first claim.
@@ -328,6 +331,7 @@ def bench_throughput(requests: int, docs: int, worker_args: list[str]) -> list[R
     the run and sampled in between: after warming up (mid-run) it should stay flat.
     """
     with services() as svc:
+        reference = run_bare(svc, REFERENCE, requests, docs)
         env = svc.env()
         settings = database_settings(env)
         path = svc.workdir / "requests.jsonl"
@@ -363,7 +367,11 @@ def bench_throughput(requests: int, docs: int, worker_args: list[str]) -> list[R
         "mean_calls_in_flight": in_flight.mean(),
         "worker_rss_mb": f"{rss_start:.0f} / {rss_mid:.0f} / {rss_end:.0f} / {rss_max:.0f}",
     }
-    return [Row("rerank-worker, 1 worker", figures)]
+    figures["percent_of_reference"] = round(
+        100 * figures["calls_per_s"] / reference["calls_per_s"], 1
+    )
+    figures["reference_cpu_ms_per_call"] = reference["cpu_ms_per_call"]
+    return [Row(REFERENCE, reference), Row("rerank-worker, 1 worker", figures)]
 
 
 @dataclass
@@ -783,7 +791,17 @@ def _export_figures(size: int, run: Measured, empty: Measured) -> dict[str, Any]
     return figures
 
 
-async def _bare(base_url: str, calls: int, docs: int) -> None:
+def _rerank_body(i: int, docs: int) -> dict[str, Any]:
+    return {
+        "model": "jina-reranker-m0",
+        "query": f"q {i}",
+        "documents": [f"doc {j} of {i}" for j in range(docs)],
+        "return_documents": False,
+    }
+
+
+async def _bare_gathered(base_url: str, calls: int, docs: int) -> None:
+    """Every call at once over one shared pool, a semaphore per key."""
     limits = {name: asyncio.Semaphore(SLOTS_PER_KEY) for name in KEYS}
     names = list(KEYS)
     async with httpx.AsyncClient(
@@ -792,40 +810,81 @@ async def _bare(base_url: str, calls: int, docs: int) -> None:
 
         async def one(i: int) -> None:
             name = names[i % len(names)]
-            body = {
-                "model": "jina-reranker-m0",
-                "query": f"q {i}",
-                "documents": [f"doc {j} of {i}" for j in range(docs)],
-                "return_documents": False,
-            }
             async with limits[name]:
                 response = await client.post(
-                    "/jina/v1/rerank", json=body, headers={"authorization": f"Bearer {KEYS[name]}"}
+                    "/jina/v1/rerank",
+                    json=_rerank_body(i, docs),
+                    headers={"authorization": f"Bearer {KEYS[name]}"},
                 )
                 response.raise_for_status()
 
         await asyncio.gather(*(one(i) for i in range(calls)))
 
 
-def bench_bare(calls: int, docs: int) -> list[Row]:
-    """The floor: asyncio + httpx with one semaphore per key, no queue, no database."""
-    with services() as svc:
-        usage_before = resource.getrusage(resource.RUSAGE_SELF)
-        standin_cpu_before = cpu_s(svc.standin.pid)
-        started = time.monotonic()
-        asyncio.run(_bare(svc.standin_url, calls, docs))
-        elapsed_s = time.monotonic() - started
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        standin_cpu = cpu_s(svc.standin.pid) - standin_cpu_before
+async def _bare_per_slot(base_url: str, calls: int, docs: int) -> None:
+    """One pooled client per key (connections = its slots) and one sender per slot, all
+    taking the next call from one shared queue: no task per call, no semaphore, and a
+    slot is never idle while calls are left."""
+    todo: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(calls):
+        todo.put_nowait(i)
+    pool = httpx.Limits(max_connections=SLOTS_PER_KEY, max_keepalive_connections=SLOTS_PER_KEY)
+    clients = {
+        name: httpx.AsyncClient(
+            base_url=base_url, limits=pool, headers={"authorization": f"Bearer {secret}"}
+        )
+        for name, secret in KEYS.items()
+    }
+
+    async def sender(client: httpx.AsyncClient) -> None:
+        while True:
+            try:
+                i = todo.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            response = await client.post("/jina/v1/rerank", json=_rerank_body(i, docs))
+            response.raise_for_status()
+
+    try:
+        await asyncio.gather(
+            *(sender(client) for client in clients.values() for _ in range(SLOTS_PER_KEY))
+        )
+    finally:
+        for client in clients.values():
+            await client.aclose()
+
+
+BARE_CLIENTS = {
+    "bare client: all calls gathered, one pool": _bare_gathered,
+    REFERENCE: _bare_per_slot,
+}
+
+
+def run_bare(svc: Services, name: str, calls: int, docs: int) -> dict[str, Any]:
+    """Run one bare client in this process against the stand-in; its figures."""
+    svc.reset()
+    usage_before = resource.getrusage(resource.RUSAGE_SELF)
+    standin_cpu_before = cpu_s(svc.standin.pid)
+    started = time.monotonic()
+    asyncio.run(BARE_CLIENTS[name](svc.standin_url, calls, docs))
+    elapsed_s = time.monotonic() - started
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    standin_cpu = cpu_s(svc.standin.pid) - standin_cpu_before
+    svc.reset()
     cpu = usage.ru_utime + usage.ru_stime - usage_before.ru_utime - usage_before.ru_stime
-    figures = {
+    return {
         "items": f"{calls} calls",
         "elapsed_s": round(elapsed_s, 1),
         **rate_figures(calls, elapsed_s),
         "cpu_ms_per_call": ms_per_call(cpu, calls),
         "standin_cpu_ms_per_call": ms_per_call(standin_cpu, calls),
     }
-    return [Row("bare asyncio+httpx client", figures)]
+
+
+def bench_bare(calls: int, docs: int) -> list[Row]:
+    """The floor: asyncio + httpx alone, no queue, no database; both ways of writing it."""
+    with services() as svc:
+        return [Row(name, run_bare(svc, name, calls, docs)) for name in BARE_CLIENTS]
 
 
 # Column key -> header, in table order. A figure whose key is not here gets a column of its
@@ -835,8 +894,10 @@ COLUMNS = {
     "elapsed_s": "wall s",
     "calls_per_s": "calls/s",
     "percent_of_limit": "% of limit",
+    "percent_of_reference": "% of reference calls/s",
     "first_call_s": "first call after s",
     "cpu_ms_per_call": "CPU ms/call",
+    "reference_cpu_ms_per_call": "reference CPU ms/call",
     "standin_cpu_ms_per_call": "stand-in CPU ms/call",
     "docs_per_s": "ingest docs/s",
     "input_mb_per_s": "input MB/s",

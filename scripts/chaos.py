@@ -9,6 +9,10 @@ finish after the last fault. Exit 0 when the job completed with nothing lost or 
 
     python scripts/chaos.py [--requests 2000] [--workers 3] [--seed N]
         [--database-url postgresql+psycopg://postgres@127.0.0.1:5432/chaos]
+        [--broker amqp://guest:guest@127.0.0.1:5672/VHOST]
+
+With --broker, Celery's messages go through that broker (RabbitMQ) while the restarted
+Redis keeps only the limits; a restart then loses leases and pauses but no message.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from sqlalchemy import func, select
@@ -81,6 +86,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="default: RERANK_DATABASE_URL, else a SQLite file in a temporary dir",
     )
     parser.add_argument("--keys", default="alpha@4,beta@3", help="NAME@LIMIT,...")
+    parser.add_argument(
+        "--broker",
+        default=None,
+        help="Celery broker URL (e.g. amqp://...); default: the run's own Redis",
+    )
     parser.add_argument("--redis-restarts", type=int, default=2)
     parser.add_argument("--worker-kills", type=int, default=4)
     parser.add_argument(
@@ -451,6 +461,8 @@ def worker_env(
         ),
         RERANK_DATA_DIR=str(data_dir),
     )
+    if args.broker:
+        env["RERANK_BROKER_URL"] = args.broker
     if args.max_documents_per_call:
         env["RERANK_MAX_DOCUMENTS_PER_CALL"] = str(args.max_documents_per_call)
     return env
@@ -475,6 +487,15 @@ def wait_for_job(
             )
             next_progress += PROGRESS_EVERY_S
         time.sleep(POLL_S)
+
+
+def shown_broker(url: str | None) -> str:
+    """The broker without its credentials."""
+    if not url:
+        return "the run's Redis"
+    parts = urlsplit(url)
+    host = f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+    return parts._replace(netloc=host).geturl()
 
 
 def sql_figures(database_url: str, job_id: str) -> dict[str, int]:
@@ -583,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         recovery = round((ended_at - chaos.last_fault_at).total_seconds(), 2)
     figures: dict[str, Any] = {
         "seed": args.seed,
+        "broker": shown_broker(args.broker),
         "job status": info["status"],
         "requests": len(requests),
         "succeeded": sum(line["status"] == "succeeded" for line in lines),

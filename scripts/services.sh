@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Make sure the Redis and PostgreSQL servers the tests use are installed and running on
-# 127.0.0.1 (Redis 6379; PostgreSQL 5432, user postgres, trust on loopback). Assumes
+# Make sure the Redis, PostgreSQL and RabbitMQ servers the tests use are installed and running
+# on 127.0.0.1 (Redis 6379; PostgreSQL 5432, user postgres, trust on loopback; RabbitMQ 5672,
+# guest/guest, which the RabbitMQ tests reach with rabbitmqctl as root). Assumes
 # nothing an earlier run left behind; installs with apt-get when a server is missing.
 set -euo pipefail
 
@@ -45,4 +46,17 @@ if ! psql -h 127.0.0.1 -U postgres -d postgres -Atc 'select 1' >/dev/null 2>&1; 
   su postgres -c "psql -Atc 'select pg_reload_conf()'" >/dev/null
   wait_until 30 "postgres trust auth" psql -h 127.0.0.1 -U postgres -d postgres -Atc 'select 1'
 fi
-log "redis and postgresql are up"
+# RabbitMQ: the tests make a vhost of their own with rabbitmqctl and never restart it.
+rabbitmq_answers() { timeout 60 rabbitmqctl -q await_startup && timeout 5 bash -c '</dev/tcp/127.0.0.1/5672'; }
+command -v rabbitmq-server >/dev/null || { log "installing rabbitmq-server"; apt_install rabbitmq-server; }
+if ! rabbitmq_answers >/dev/null 2>&1; then
+  log "starting rabbitmq-server on 127.0.0.1:5672"
+  mkdir -p /var/log/rabbitmq /var/lib/rabbitmq
+  chown -R rabbitmq:rabbitmq /var/log/rabbitmq /var/lib/rabbitmq 2>/dev/null || true
+  RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 runuser -u rabbitmq -- rabbitmq-server -detached 2>/dev/null \
+    || RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 rabbitmq-server -detached
+fi
+if ! wait_until 120 rabbitmq rabbitmq_answers; then
+  log "RabbitMQ cannot run here: its tests will skip, saying why"
+fi
+log "redis, postgresql and rabbitmq are up"

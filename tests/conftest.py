@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,7 +21,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import amqp.exceptions
 import httpx
+import kombu
 import psycopg
 import pytest
 import redis
@@ -32,6 +35,7 @@ from worker.standin import StandinConfig, ThreadedStandin, run_in_thread
 
 PG_ADMIN_URL = os.environ.get("RERANK_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_BASE = os.environ.get("RERANK_TEST_REDIS", "redis://127.0.0.1:6379")
+RABBITMQ_BASE = os.environ.get("RERANK_TEST_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672")
 # One database index per test session (1-15), so two suites on one machine do not meet.
 REDIS_DB = int(os.environ.get("RERANK_TEST_REDIS_DB", str(1 + os.getpid() % 15)))
 SECRETS = {"alpha": "sk-test-alpha-0123456789abcdef", "beta": "sk-test-beta-fedcba9876543210"}
@@ -64,6 +68,84 @@ def redis_url() -> Iterator[str]:
     yield url
     client.flushdb()
     client.close()
+
+
+def rabbitmqctl(*args: str) -> subprocess.CompletedProcess[str]:
+    """The machine's rabbitmqctl (as root); raises with its output when it fails."""
+    done = subprocess.run(
+        ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+    if done.returncode != 0:
+        raise AssertionError(f"rabbitmqctl {' '.join(args)} failed: {done.stdout}{done.stderr}")
+    return done
+
+
+def _rabbitmq_missing() -> str | None:
+    """Why the RabbitMQ tests cannot run here, or None when they can."""
+    if shutil.which("rabbitmqctl") is None:
+        return "rabbitmqctl not found (scripts/services.sh installs rabbitmq-server)"
+    if os.geteuid() != 0:
+        return "rabbitmqctl needs root to make the test's own vhost"
+    try:
+        with kombu.Connection(RABBITMQ_BASE + "/", connect_timeout=3) as connection:
+            connection.connect()
+    except OSError as exc:
+        return f"RabbitMQ does not answer at {RABBITMQ_BASE}: {exc}"
+    return None
+
+
+@dataclass
+class Broker:
+    """Celery's broker for one test: the test's Redis (url None: the default), or a
+    RabbitMQ vhost of the test's own, made here and deleted at teardown."""
+
+    kind: str
+    url: str | None = None
+    vhost: str | None = None
+
+    def close_connections(self) -> None:
+        """Cut every client connection to this test's vhost, and only those (the server and
+        other vhosts' clients carry on)."""
+        assert self.vhost is not None
+        done = rabbitmqctl("close_all_connections", "-p", self.vhost, "cut by the test")
+        assert "Closed 0 " not in done.stdout, done.stdout
+
+    def purge(self, queue: str) -> None:
+        assert self.vhost is not None
+        rabbitmqctl("purge_queue", "-p", self.vhost, queue)
+
+    def queued(self, queue: str) -> int:
+        """Messages ready in the queue, as a passive declare counts them (rabbitmqctl's
+        list_queues lags by seconds); 0 for a queue not declared yet."""
+        assert self.url is not None
+        with kombu.Connection(self.url, connect_timeout=5) as connection:
+            try:
+                _, count, _ = connection.channel().queue_declare(queue=queue, passive=True)
+            except amqp.exceptions.NotFound:
+                return 0
+            return int(count)
+
+
+BOTH_BROKERS = pytest.mark.parametrize("broker", ["redis", "amqp"], indirect=True)
+
+
+@pytest.fixture
+def broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
+    """Redis unless a test is parametrized over BOTH_BROKERS (or "amqp") indirectly."""
+    kind = getattr(request, "param", "redis")
+    if kind == "redis":
+        yield Broker("redis")
+        return
+    missing = _rabbitmq_missing()
+    if missing:
+        pytest.skip(missing)
+    vhost = f"rerank_test_{os.getpid()}_{next(_counter)}"
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield Broker("amqp", url=f"{RABBITMQ_BASE}/{vhost}", vhost=vhost)
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
 
 
 @pytest.fixture
@@ -158,17 +240,21 @@ class Env:
         )
 
     def start_worker(
-        self, concurrency: int = 6, name: str | None = None, processes: int = 1
+        self,
+        concurrency: int = 6,
+        name: str | None = None,
+        processes: int = 1,
+        via: tuple[str, ...] = (),
     ) -> subprocess.Popen[bytes]:
         """A real `rerank-worker worker` in its own process group; returns once it (each of
-        its processes) is ready."""
+        its processes) is ready. `via` prefixes the command (`ip netns exec HOST`)."""
         name = name or f"w{len(self.workers)}"
         log_path = self.tmp_path / f"worker-{name}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("RERANK_")}
         env.update(self.values)
         with log_path.open("wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "worker", "worker", "--concurrency", str(concurrency),
+                [*via, sys.executable, "-m", "worker", "worker", "--concurrency", str(concurrency),
                  "--hostname", f"{name}@%h", "--loglevel", "INFO", "--processes", str(processes)],
                 env=env,
                 stdout=log,
@@ -213,9 +299,14 @@ class Env:
 
 @pytest.fixture
 def make_env(
-    tmp_path: Path, redis_url: str, standin: ThreadedStandin, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    redis_url: str,
+    broker: Broker,
+    standin: ThreadedStandin,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Callable[..., Env]]:
-    """Build the shared environment for a database; workers are stopped at teardown."""
+    """Build the shared environment for a database (and the test's broker); workers are
+    stopped at teardown."""
     made: list[Env] = []
 
     def build(database_url: str, keys: str | None = None, **extra: str) -> Env:
@@ -229,6 +320,7 @@ def make_env(
             "RERANK_BACKOFF_CAP_S": "0.5",
             "RERANK_CALL_TIMEOUT_S": "10",
             "RERANK_SWEEP_INTERVAL_S": "1",
+            **({"RERANK_BROKER_URL": broker.url} if broker.url else {}),
             **extra,
         }
         env = Env(values=values, tmp_path=tmp_path)

@@ -2,20 +2,47 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 from kombu.entity import Queue
 
-from worker import constants, embedded
-from worker.redis_clients import redis_url
+from worker import broker, constants
 from worker.settings import get_settings
+
+# On RabbitMQ the queues are quorum queues: replicated, durable, and never dropping a
+# message a dead consumer held (it goes back to the queue when its channel closes).
+QUORUM = {"x-queue-type": "quorum"}
+
+
+def _transport_settings(url: str) -> dict[str, Any]:
+    if broker.is_amqp(url):
+        return {
+            "task_queues": [
+                Queue(name, queue_arguments=QUORUM, durable=True) for name in constants.PRIORITIES
+            ],
+            "task_default_queue_type": "quorum",
+            "task_create_missing_queue_type": "quorum",
+            # Quorum queues refuse a channel-wide prefetch: each consumer gets its own.
+            "worker_detect_quorum_queues": True,
+            # submit returns once RabbitMQ has the messages, not when they left the socket.
+            "broker_transport_options": {"confirm_publish": True},
+        }
+    return {
+        "task_queues": [Queue(name) for name in constants.PRIORITIES],
+        # A worker fetches from the interactive queue whenever it has a message, before bulk
+        # (kombu's default rotates between the queues).
+        "broker_transport_options": {
+            "visibility_timeout": 3600,
+            "queue_order_strategy": "priority",
+        },
+    }
 
 
 def create_app() -> Celery:
-    settings = get_settings()
-    broker = embedded.celery_broker_url(redis_url(settings))
-    app = Celery("rerank_worker", broker=broker, include=["worker.tasks"])
+    url = broker.broker_url(get_settings())
+    app = Celery("rerank_worker", broker=url, include=["worker.tasks"])
     app.conf.update(
-        task_queues=[Queue(constants.QUEUE_INTERACTIVE), Queue(constants.QUEUE_BULK)],
         task_default_queue=constants.QUEUE_BULK,
         task_ignore_result=True,
         result_backend=None,
@@ -25,12 +52,13 @@ def create_app() -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
-        # A worker fetches from the interactive queue whenever it has a message, before bulk
-        # (kombu's default rotates between the queues).
-        broker_transport_options={"visibility_timeout": 3600, "queue_order_strategy": "priority"},
+        # A lost broker connection leaves running requests alone: their SQL leases guard
+        # them, and a message delivered again finds them claimed.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
         task_serializer="json",
         accept_content=["json"],
+        **_transport_settings(url),
     )
     return app
 

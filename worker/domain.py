@@ -47,6 +47,9 @@ class RequestWork:
     top_n: int | None
     return_documents: bool
     documents_json: list[str]
+    # Which delivery of the request this is (request.deliveries when it was claimed): only
+    # the delivery holding the current lease may renew it or write the outcome.
+    delivery: int
     doc_ids: list[str | None] | None = None
     priority: str = constants.QUEUE_BULK
     use_cache: bool = True
@@ -78,6 +81,7 @@ class RequestOutcome:
     request_id: int
     job_id: str
     status: str
+    delivery: int
     results_json: str | None = None
     total_tokens: int = 0
     error_type: str | None = None

@@ -106,7 +106,9 @@ class Reranker:
         self._budgets = budgets
 
     async def run(self, work: RequestWork) -> RequestOutcome:
-        outcome = RequestOutcome(request_id=work.request_id, job_id=work.job_id, status="running")
+        outcome = RequestOutcome(
+            request_id=work.request_id, job_id=work.job_id, status="running", delivery=work.delivery
+        )
         per_call = catalog.max_documents_per_call(work.model, self._max_documents_per_call)
         # Only the documents the cache does not know are sent, in calls as full as allowed.
         unknown = [p for p in range(len(work.documents_json)) if p not in work.cached]

@@ -9,7 +9,9 @@ a task's slowest request. SQL leases, not Celery acks, guard against a dead work
 An interactive task returns at once (its requests still count in the backlog). A bulk task
 waiting for room holds a Celery thread and a prefetch place; when every task thread of the
 process waits so and an interactive message is queued, a lookout thread lets one of them
-return, and the Celery consumer (interactive queue first) takes that message next.
+return, and the Celery consumer (interactive queue first) takes that message next. On
+RabbitMQ the message has already reached the process (each queue's consumer has its own
+prefetch) and waits for the thread that is let go (see broker.interactive_lookout).
 """
 
 from __future__ import annotations
@@ -22,15 +24,13 @@ import threading
 import time
 from collections.abc import Callable
 
-import redis
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from worker import constants
+from worker import broker, constants
 from worker.db import repository
 from worker.db.session import in_transaction
 from worker.domain import RequestOutcome, RequestWork
-from worker.redis_clients import redis_url, sync_redis
 from worker.runtime import Engine
 from worker.service import ending
 from worker.settings import Settings
@@ -164,14 +164,14 @@ class Pipeline:
 
     def _renew_leases(self) -> None:
         with self._room:
-            ids = list(self._running)
-        if not ids:
+            held = [(w.request_id, w.delivery) for w in self._running.values()]
+        if not held:
             return
-        renew = functools.partial(repository.renew_leases, ids=ids, lease_s=self._lease_s)
+        renew = functools.partial(repository.renew_leases, held=held, lease_s=self._lease_s)
         try:
             in_transaction(self._url, renew)
         except SQLAlchemyError:
-            log.exception("action=lease_renewal_failed requests=%d", len(ids))
+            log.exception("action=lease_renewal_failed requests=%d", len(held))
 
     def close(self, timeout_s: float) -> None:
         """Let running requests finish and be written (warm shutdown), then stop the engine."""
@@ -192,14 +192,6 @@ def watch_interactive(task_threads: int) -> None:
     _interactive_threads = task_threads
 
 
-def interactive_queued(client: redis.Redis) -> bool:
-    """Whether an interactive message waits in the broker (kombu keeps a queue as a list)."""
-    try:
-        return bool(client.llen(constants.QUEUE_INTERACTIVE))
-    except redis.exceptions.RedisError:
-        return False
-
-
 def get_pipeline(settings: Settings) -> Pipeline:
     """One pipeline, and so one engine, per process (a forked child builds its own)."""
     global _pipeline
@@ -209,7 +201,7 @@ def get_pipeline(settings: Settings) -> Pipeline:
             backlog = max(constants.MIN_BACKLOG, constants.BACKLOG_PER_SLOT * slots)
             queued = None
             if _interactive_threads is not None:
-                queued = functools.partial(interactive_queued, sync_redis(redis_url(settings)))
+                queued = broker.interactive_lookout(settings, constants.QUEUE_INTERACTIVE)
             pipeline = Pipeline(
                 Engine(settings),
                 settings,

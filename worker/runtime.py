@@ -138,6 +138,7 @@ class Engine:
                 request_id=work.request_id,
                 job_id=work.job_id,
                 status=RequestStatus.FAILED,
+                delivery=work.delivery,
                 error_type="internal_error",
                 error_message=f"{type(exc).__name__}: {exc}",
             )

@@ -56,6 +56,8 @@ class Settings(BaseSettings):
 
     database_url: str | None = None
     redis_url: str | None = None
+    # Celery's broker (redis:// or amqp://); default: redis_url. Limits stay in Redis.
+    broker_url: str | None = None
     data_dir: Path = Path(constants.DEFAULT_DATA_DIR)
     api_base: str = constants.DEFAULT_API_BASE
     api_keys: SecretStr = SecretStr("")

@@ -11,7 +11,7 @@ import redis
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from worker import constants
+from worker import broker, constants
 from worker.db import repository
 from worker.db.base import utcnow
 from worker.db.session import in_transaction
@@ -21,6 +21,12 @@ from worker.service.submit import publish
 from worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
+# A sweep that meets one of these is skipped; the next one tries again.
+SWEEP_ERRORS: tuple[type[Exception], ...] = (
+    redis.exceptions.RedisError,
+    SQLAlchemyError,
+    *broker.BROKER_ERRORS,
+)
 
 
 def sweep_once(settings: Settings) -> int:
@@ -32,11 +38,10 @@ def sweep_once(settings: Settings) -> int:
     """
     now = utcnow()
     stale_before = now - dt.timedelta(seconds=settings.dispatch_stale_s)
-    client = sync_redis(redis_url(settings))
 
     def find(session: Session) -> list[tuple[int, str]]:
         expired = repository.requeue_expired(session, now)
-        queues_empty = all(client.llen(q) == 0 for q in constants.PRIORITIES)
+        queues_empty = broker.queues_empty(settings, constants.PRIORITIES)
         stale = repository.stale_queued(session, stale_before) if queues_empty else []
         for job_id in repository.unfinished_job_ids(session):
             ending.complete_job_if_done(session, job_id)
@@ -71,7 +76,7 @@ class Sweeper(threading.Thread):
             try:
                 if client.set(constants.SWEEPER_LOCK_KEY, "1", nx=True, px=int(interval_s * 900)):
                     sweep_once(self._settings)
-            except (redis.exceptions.RedisError, SQLAlchemyError, OSError) as exc:
+            except SWEEP_ERRORS as exc:
                 log.warning("action=sweep_failed reason=%s", type(exc).__name__)
             except Exception:  # the sweeper is the safety net: it must outlive any bug
                 log.exception("action=sweep_crashed")

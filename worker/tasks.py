@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import signals
 
-from worker import constants, pipeline, sweeper
+from worker import broker, constants, pipeline, sweeper
 from worker.celery_app import app
 from worker.service import run
 from worker.settings import get_settings
@@ -34,6 +34,22 @@ def _watch_interactive(sender: Any, **_: Any) -> None:
     queues = {queue.name for queue in sender.task_consumer.queues}
     if constants.QUEUE_INTERACTIVE in queues:
         pipeline.watch_interactive(task_threads=sender.pool.num_processes)
+
+
+@signals.task_received.connect
+def _interactive_received(request: Any, **_: Any) -> None:
+    if (request.delivery_info or {}).get("routing_key") == constants.QUEUE_INTERACTIVE:
+        broker.WAITING_INTERACTIVE.received(request.id)
+
+
+@signals.task_prerun.connect
+def _task_started(task_id: str, **_: Any) -> None:
+    broker.WAITING_INTERACTIVE.started(task_id)
+
+
+@signals.task_revoked.connect
+def _task_revoked(request: Any, **_: Any) -> None:
+    broker.WAITING_INTERACTIVE.started(request.id)
 
 
 @signals.worker_shutdown.connect

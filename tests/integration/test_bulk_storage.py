@@ -290,6 +290,7 @@ def test_an_outcome_applies_only_while_running_and_its_tokens_always_count(
                 request_id=request_id,
                 job_id="job2",
                 status=RequestStatus.SUCCEEDED,
+                delivery=0,
                 results_json="[2]",
                 total_tokens=7,
                 cache_hits=1,

@@ -28,6 +28,7 @@ def work(query: str) -> RequestWork:
         top_n=None,
         return_documents=False,
         documents_json=['"first"', '"second"', '"third"'],
+        delivery=1,
     )
 
 

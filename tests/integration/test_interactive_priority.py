@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from conftest import Env, api_keys, wait_for
+from conftest import BOTH_BROKERS, Env, api_keys, wait_for
 from jobs_support import results_of, submit, write_jsonl
 from sqlalchemy import func, select
 
@@ -56,6 +56,7 @@ def first_calls(url: str, job_id: str) -> dict[int, dt.datetime]:
         return {request_id: started for request_id, started in rows}
 
 
+@BOTH_BROKERS
 def test_an_interactive_job_overtakes_a_bulk_job_holding_every_thread_and_slot(
     make_env: Any, database_url: str, standin: ThreadedStandin, tmp_path: Path
 ) -> None:

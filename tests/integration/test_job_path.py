@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PAUSE_GRACE_MS, Env, api_keys, wait_for
+from conftest import BOTH_BROKERS, PAUSE_GRACE_MS, Env, api_keys, wait_for
 from jobs_support import (
     assert_no_secret,
     database_text,
@@ -26,6 +26,7 @@ from worker.standin import ThreadedStandin
 from worker.standin.scoring import rank
 
 
+@BOTH_BROKERS
 def test_job_with_faults_completes_exactly_within_limits(
     make_env: Any, database_url: str, standin: ThreadedStandin, tmp_path: Path
 ) -> None:

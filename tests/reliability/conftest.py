@@ -118,9 +118,10 @@ class OwnRedis:
     RDB snapshots are always off (`--save ""`).
     """
 
-    def __init__(self, directory: Path, port: int) -> None:
+    def __init__(self, directory: Path, port: int, bind: str = "127.0.0.1") -> None:
         self.directory = directory
         self.port = port
+        self.bind = bind
         self.url = f"redis://127.0.0.1:{port}/0"
         self.log_path = directory / "redis.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -157,7 +158,8 @@ class OwnRedis:
         command = [
             self._binary,
             "--port", str(self.port),
-            "--bind", "127.0.0.1",
+            "--bind", self.bind,
+            "--protected-mode", "no" if self.bind != "127.0.0.1" else "yes",
             "--dir", str(self.directory),
             "--save", "",
             "--appendonly", "yes" if persist else "no",
@@ -240,10 +242,11 @@ class OwnPostgres:
     The server binaries refuse to run as root, so as root they run as the `postgres` user.
     """
 
-    def __init__(self, base: Path, port: int) -> None:
+    def __init__(self, base: Path, port: int, listen: str = "127.0.0.1") -> None:
         self.base = base
         self.data = base / "data"
         self.port = port
+        self.listen = listen
         self.url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
         self.log_path = self.data / "server.log"
         self._bindir = _postgres_bindir()
@@ -274,8 +277,13 @@ class OwnPostgres:
             "-E", "UTF8", "--no-sync", "--no-instructions",
         )  # fmt: skip
 
+    def trust(self, cidr: str) -> None:
+        """Let clients from `cidr` in without a password (before start)."""
+        with (self.data / "pg_hba.conf").open("a") as hba:
+            hba.write(f"host all all {cidr} trust\n")
+
     def start(self) -> None:
-        options = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1"
+        options = f"-p {self.port} -k {self.data} -c listen_addresses={self.listen}"
         self._run(
             "pg_ctl", "-D", str(self.data), "-l", str(self.log_path), "-o", options,
             "-w", "-t", "60", "start",

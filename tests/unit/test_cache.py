@@ -17,6 +17,7 @@ def work(model: str = "jina-reranker-m0", use_cache: bool = True) -> RequestWork
         top_n=None,
         return_documents=False,
         documents_json=['"a"', '{"text":"b"}', '"a"'],
+        delivery=1,
         use_cache=use_cache,
     )
 

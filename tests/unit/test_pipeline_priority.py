@@ -44,7 +44,12 @@ class HeldEngine:
             if work.request_id not in self.finished:
                 self.finished.add(work.request_id)
                 _, on_done = self.started[work.request_id]
-                on_done(work, RequestOutcome(work.request_id, work.job_id, status=status))
+                on_done(
+                    work,
+                    RequestOutcome(
+                        work.request_id, work.job_id, status=status, delivery=work.delivery
+                    ),
+                )
 
     def finish_all(self) -> None:
         self.finish(*(w for w, _ in self.started.values()), status="failed")
@@ -62,6 +67,7 @@ def work(priority: str) -> RequestWork:
         top_n=None,
         return_documents=False,
         documents_json=['"d"'],
+        delivery=1,
         priority=priority,
     )
 

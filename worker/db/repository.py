@@ -27,6 +27,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy import exc as sa_exc
@@ -404,6 +405,7 @@ def claim_requests(
                 top_n=r.top_n,
                 return_documents=r.return_documents,
                 documents_json=[content for content, _ in docs],
+                delivery=r.deliveries,
                 doc_ids=[doc_id for _, doc_id in docs] if ids_given else None,
                 priority=jobs[r.job_id].priority,
                 use_cache=jobs[r.job_id].use_cache,
@@ -504,10 +506,16 @@ def job_spend(
     return spent
 
 
-def renew_leases(session: Session, ids: Sequence[int], *, lease_s: float) -> None:
+def renew_leases(session: Session, held: Sequence[tuple[int, int]], *, lease_s: float) -> None:
+    """Extend the leases of `held` (request id, delivery) pairs, in one statement; a request
+    claimed again since (its lease expired) belongs to the newer delivery and is skipped."""
     session.execute(
         update(Request)
-        .where(Request.id.in_(ids), Request.status == RequestStatus.RUNNING)
+        .where(
+            Request.id.in_([request_id for request_id, _ in held]),  # the index finds them
+            tuple_(Request.id, Request.deliveries).in_(held),
+            Request.status == RequestStatus.RUNNING,
+        )
         .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_s))
     )
 
@@ -529,15 +537,20 @@ UPSTREAM_CALL_COLUMNS = (
 )
 
 
-def _while_running(column: ColumnElement[Any], value: ColumnElement[Any]) -> ColumnElement[Any]:
-    """`value` for a request that is still running; its current value otherwise."""
-    running: ColumnElement[str] = literal_column(f"'{RequestStatus.RUNNING.value}'")
-    return case((REQUEST_TABLE.c.status == running, value), else_=column)
-
-
 _request = REQUEST_TABLE.c
+_RUNNING: ColumnElement[str] = literal_column(f"'{RequestStatus.RUNNING.value}'")
+# The fence: the request is running under the delivery that reports (no newer claim took it).
+_HOLDS_LEASE = (_request.status == _RUNNING) & (_request.deliveries == bindparam("b_delivery"))
+
+
+def _while_running(column: ColumnElement[Any], value: ColumnElement[Any]) -> ColumnElement[Any]:
+    """`value` while the reporting delivery holds the request's lease; its current value
+    otherwise."""
+    return case((_HOLDS_LEASE, value), else_=column)
+
+
 # One statement per finished request, built once: the tokens billed are always added, and the
-# outcome applies only while the request is still running (see record_outcomes).
+# outcome applies only where its delivery still holds the lease (see record_outcomes).
 RECORD_OUTCOME = (
     update(REQUEST_TABLE)
     .where(_request.id == bindparam("b_id"))
@@ -559,9 +572,10 @@ def record_outcomes(session: Session, outcomes: Sequence[RequestOutcome]) -> Non
     """Write finished requests in one round of statements; every upstream attempt is logged
     (by COPY on PostgreSQL: psycopg adapts executemany parameters one at a time in Python).
 
-    Results apply only while a request is still running, so a run that lost its lease to
-    another worker cannot overwrite or duplicate them; the tokens billed for every run are
-    added to the request all the same.
+    Results apply only while the delivery that ran them still holds the request's lease
+    (running, and `deliveries` unchanged since its claim), so a run that lost its lease to
+    another delivery cannot overwrite or duplicate the newer run's result, even when it ends
+    while that one still runs; the tokens billed for every run are added all the same.
     """
     conn = session.connection()
     calls = [
@@ -594,6 +608,7 @@ def record_outcomes(session: Session, outcomes: Sequence[RequestOutcome]) -> Non
         [
             {
                 "b_id": o.request_id,
+                "b_delivery": o.delivery,
                 "b_tokens": o.total_tokens,
                 "b_status": o.status,
                 "b_results": o.results_json,

@@ -10,12 +10,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import kombu.exceptions
-import redis
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker import catalog, constants, errors, ingest
+from worker import broker, catalog, constants, errors, ingest
 from worker.db import repository
 from worker.db.base import utcnow
 from worker.db.models import Job, JobStatus, RequestStatus
@@ -360,14 +358,14 @@ def enqueue_job(job_id: str, priority: str, settings: Settings) -> bool:
     )
     try:
         publish(ids, priority)
-    except (kombu.exceptions.OperationalError, redis.exceptions.ConnectionError, OSError) as exc:
+    except broker.BROKER_ERRORS as exc:
         log.warning("action=enqueue_deferred job=%s reason=%s", job_id, type(exc).__name__)
         return False
     return True
 
 
 def publish(ids: list[int], priority: str) -> None:
-    from worker.celery_app import app  # connects to Redis: only when there is work to send
+    from worker.celery_app import app  # connects to the broker: only when there is work to send
 
     per_task = constants.REQUESTS_PER_TASK[priority]
     for start in range(0, len(ids), per_task):
