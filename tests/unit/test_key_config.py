@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from worker import errors
+from worker import constants, errors
 from worker.settings import ApiKey, Settings, parse_api_keys
+from worker.upstream.rate_plan import least_seconds
 from worker.upstream.token_estimate import estimate_tokens, expected_tokens
 
 SECRET_A = "sk-json-alpha-0123456789"
@@ -129,3 +130,28 @@ def test_the_estimate_counts_text_by_length_images_by_a_fixed_figure_and_the_que
 def test_expected_tokens_apply_the_learnt_ratio_once_there_is_one() -> None:
     assert expected_tokens(1000, None) == 1000
     assert expected_tokens(1000, 1.5) == 1500
+
+
+# --- the time a job takes at the limits ------------------------------------------------------
+
+
+def test_a_job_of_two_windows_worth_takes_one_window_plus_its_calls() -> None:
+    [key] = parse_api_keys(keys_json({"name": "main", "secret": SECRET_A, "concurrency": 10,
+                                      "rpm": 60}), 4)  # fmt: skip
+    window_s = 60 + constants.RATE_WINDOW_MARGIN_S
+    # 120 calls at rpm 60: 60 now, 60 a window later, each batch at 10 at a time.
+    assert least_seconds([key], 120, 0, 0.1) == pytest.approx(window_s + 0.6)
+    # Within one window: the slots alone bound it.
+    assert least_seconds([key], 60, 0, 0.1) == pytest.approx(0.6)
+
+
+def test_tokens_bind_when_every_key_has_a_tpm_and_not_otherwise() -> None:
+    limited, unlimited = parse_api_keys(
+        keys_json(
+            {"name": "a", "secret": SECRET_A, "concurrency": 10, "tpm": 1000},
+            {"name": "b", "secret": SECRET_B, "concurrency": 10},
+        ),
+        4,
+    )
+    assert least_seconds([limited], 10, 3500, 0.1) >= 3 * 60
+    assert least_seconds([limited, unlimited], 10, 3500, 0.1) == pytest.approx(0.1)
