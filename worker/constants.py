@@ -37,6 +37,9 @@ RATE_WINDOW_MARGIN_S = 0.5
 TOKEN_RESERVE_FACTOR = 1.05
 # Weight of each new billed/estimated observation in the learnt ratio (an EWMA per model).
 TOKEN_RATIO_ALPHA = 0.2
+# A process sends what it saw of a model's calls with its next slot attempt, at most this
+# often (the first at once), so that busy workers do not update the ratio on every call.
+TOKEN_RATIO_SEND_S = 0.25
 # Quota counters outlive their UTC period by a margin, then expire.
 DAILY_QUOTA_TTL_S = 2 * 24 * 3600
 MONTHLY_QUOTA_TTL_S = 32 * 24 * 3600

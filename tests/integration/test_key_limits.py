@@ -221,20 +221,20 @@ def test_a_process_takes_no_more_than_its_share_of_the_slots(redis_url: str) -> 
 
 
 class CountingPool(KeyPool):
-    """A KeyPool that counts its slot-script attempts and its own lease releases (the
-    settle script, a round trip of its own)."""
+    """A KeyPool that counts its slot-script attempts and its own lease releases (ZREM)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.attempts = 0
         self.releases = 0
-        settle = self._settle
+        zrem = self._redis.zrem
 
-        async def counted_settle(**kwargs: Any) -> Any:
-            self.releases += 1
-            return await settle(**kwargs)
+        async def counted_zrem(name: str, *values: Any) -> Any:
+            if name.startswith(constants.REDIS_PREFIX + "slots:"):
+                self.releases += 1
+            return await zrem(name, *values)
 
-        self._settle = counted_settle  # type: ignore[assignment]
+        self._redis.zrem = counted_zrem  # type: ignore[method-assign]
 
     async def _try_acquire(self, token: str, job_id: str | None) -> tuple[str, str]:
         self.attempts += 1
@@ -277,7 +277,7 @@ def test_a_lease_handed_to_a_waiting_taker_is_released_by_its_attempt(redis_url:
             first_done, holder, waiter = await hold_with_one_queued(pool, second)
             first_done.set()
             await second_got.wait()
-            # The first lease went with the second's only attempt, not with a release of its own.
+            # The first lease went with the second's only attempt, not with a ZREM of its own.
             assert (pool.attempts, pool.releases) == (2, 0)
             assert await pool.in_use(ALPHA) == 1
             await asyncio.gather(holder, waiter)
@@ -320,8 +320,7 @@ def test_flush_releases_ended_leases_before_a_process_stops(redis_url: str) -> N
             pool = KeyPool(client, api_keys(alpha=2), lease_s=LEASE_S)
             token = "ended-elsewhere"
             assert await pool._try_acquire(token, None) == ("ok", ALPHA)
-            # As a lease handed to a taker that never ran.
-            pool._ended.append((ALPHA, token, "", "0", "", ""))
+            pool._ended.append((ALPHA, token, ""))  # as a lease handed to a taker that never ran
             await pool.flush()
             assert await pool.in_use(ALPHA) == 0
 

@@ -11,6 +11,7 @@ import time
 import uuid
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 from pydantic import SecretStr
 from test_key_limits import connect, run
@@ -18,6 +19,7 @@ from test_key_limits import connect, run
 from worker import constants, errors
 from worker.settings import ApiKey
 from worker.upstream.limits import KeyPool
+from worker.upstream.token_estimate import learnt_ratio
 
 LEASE_S = 30.0
 RUN = uuid.uuid4().hex[:8]
@@ -81,12 +83,13 @@ def test_tokens_are_reserved_from_the_estimate_and_settled_with_the_billed_figur
             async with pool.slot(model=MODEL, estimated_tokens=1000) as lease:
                 assert await token_sum(client, ALPHA) == round(1000 * factor)
                 lease.billed_tokens = 2000
-            # Settled: the window holds what was billed, and the ratio learnt 2.
+            # Settled: the window holds what was billed.
             assert await token_sum(client, ALPHA) == 2000
-            ratio = await client.hget(constants.TOKEN_RATIO_KEY, MODEL)
-            assert float(ratio) == pytest.approx(2.0)
             async with pool.slot(model=MODEL, estimated_tokens=1000) as lease:
-                # The next call of the model reserves its estimate x the learnt ratio.
+                # The ratio learnt 2 (sent with this take), and this call of the model
+                # reserves its estimate x the learnt ratio.
+                ratio = await client.hget(constants.TOKEN_RATIO_KEY, MODEL)
+                assert float(ratio) == pytest.approx(2.0)
                 assert await token_sum(client, ALPHA) == 2000 + round(2000 * factor)
                 lease.billed_tokens = 0  # refused: nothing counted upstream
             assert await token_sum(client, ALPHA) == 2000
@@ -169,5 +172,31 @@ def test_rate_state_is_shared_by_pools_on_separate_connections(redis_url: str) -
             late = sorted(t - started for t in times)
             assert late[2] < WINDOW_S / 2  # three at once
             assert late[3] >= WINDOW_MS / 1000 - 0.05  # the next three a window later
+
+    run(main)
+
+
+def test_the_ratio_learns_from_every_key_and_a_flush_sends_what_is_left(redis_url: str) -> None:
+    async def main() -> None:
+        async with connect(redis_url) as client:
+            pool = pool_of(client, key(ALPHA))  # no window, no quota: a plain key
+            async with pool.slot(model=MODEL, estimated_tokens=100) as lease:
+                lease.billed_tokens = 300
+            assert await client.hget(constants.TOKEN_RATIO_KEY, MODEL) is None  # not yet sent
+            await pool.flush()
+            ratio = float(await client.hget(constants.TOKEN_RATIO_KEY, MODEL))
+            assert ratio == pytest.approx(3.0)
+            async with pool.slot(model=MODEL, estimated_tokens=100) as lease:
+                lease.billed_tokens = 100
+            await pool.flush()
+            # An EWMA: a step of the weight towards the new observation (1).
+            ratio = float(await client.hget(constants.TOKEN_RATIO_KEY, MODEL))
+            assert ratio == pytest.approx(3.0 + constants.TOKEN_RATIO_ALPHA * (1.0 - 3.0))
+            sync = redis.Redis.from_url(redis_url)
+            try:
+                assert learnt_ratio(sync, MODEL) == pytest.approx(ratio)
+                assert learnt_ratio(sync, "never-seen") is None
+            finally:
+                sync.close()
 
     run(main)

@@ -62,17 +62,19 @@ from worker.settings import ApiKey
 
 log = logging.getLogger(__name__)
 
-# Ends a call's lease and settles what it billed: its token reservation takes the billed
-# figure (a refused call's, 0), the model's billed/estimated ratio learns from it, and a key
-# with a quota counts it in the day's and the month's counters. Entries of six fields:
-# key name, token, model, estimated tokens, billed tokens ('' = unknown), flags ('t': the
-# key has a token window, 'q': it has a quota).
+# Ends calls' leases and settles what they billed: a token reservation takes the billed
+# figure (a refused call's, 0), and a key with a quota counts it in the day's and the month's
+# counters. Entries of three fields: key name, token, and '' (nothing to settle) or
+# "flags|billed" (flags 't': the key has a token window, 'q': it has a quota).
+# `learn` ('' or "billed|estimated|model") is what calls of a model billed against their
+# estimates since the last time; the model's ratio (an EWMA) learns from it.
 SETTLE_FUNCTION_LUA = """
-local function settle(prefix, alpha, day, month, first, last)
-  for i = first, last, 6 do
-    local name, token, flags = ARGV[i], ARGV[i + 1], ARGV[i + 5]
+local function settle(prefix, alpha, day, month, learn, first, last)
+  for i = first, last, 3 do
+    local name, token = ARGV[i], ARGV[i + 1]
     redis.call('ZREM', prefix .. 'slots:' .. name, token)
-    local billed = tonumber(ARGV[i + 4])
+    local flags, billed = string.match(ARGV[i + 2], '^(%a*)|(%d+)$')
+    billed = tonumber(billed)
     if billed then
       if string.find(flags, 't', 1, true) then
         local amounts = prefix .. 'rate:token-amounts:' .. name
@@ -81,14 +83,6 @@ local function settle(prefix, alpha, day, month, first, last)
           redis.call('HSET', amounts, token, billed)
           redis.call('HINCRBY', amounts, 'sum', billed - reserved)
         end
-      end
-      local estimated = tonumber(ARGV[i + 3])
-      if billed > 0 and estimated > 0 then
-        local ratios = prefix .. 'token-ratio'
-        local seen = billed / estimated
-        local ratio = tonumber(redis.call('HGET', ratios, ARGV[i + 2]))
-        if ratio then seen = ratio + alpha * (seen - ratio) end
-        redis.call('HSET', ratios, ARGV[i + 2], tostring(seen))
       end
       if billed > 0 and string.find(flags, 'q', 1, true) then
         local daily = prefix .. 'quota:day:' .. name .. ':' .. day
@@ -100,6 +94,14 @@ local function settle(prefix, alpha, day, month, first, last)
       end
     end
   end
+  if learn ~= '' then
+    local billed, estimated, model = string.match(learn, '^(%d+)|(%d+)|(.*)$')
+    local ratios = prefix .. 'token-ratio'
+    local seen = tonumber(billed) / tonumber(estimated)
+    local ratio = tonumber(redis.call('HGET', ratios, model))
+    if ratio then seen = ratio + alpha * (seen - ratio) end
+    redis.call('HSET', ratios, model, tostring(seen))
+  end
 end
 """.replace("DAILY_TTL", str(constants.DAILY_QUOTA_TTL_S)).replace(
     "MONTHLY_TTL", str(constants.MONTHLY_QUOTA_TTL_S)
@@ -108,7 +110,7 @@ end
 SETTLE_LUA = (
     SETTLE_FUNCTION_LUA
     + """
-settle(ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], 5, #ARGV)
+settle(ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5], 6, #ARGV)
 """
 )
 
@@ -127,10 +129,10 @@ local seen_epoch = ARGV[11]
 local interactive = ARGV[12] == '1'
 local model = ARGV[13]
 local estimate = tonumber(ARGV[14])
-local first_key = 16 + 6 * tonumber(ARGV[15])
+local first_key = 17 + 3 * tonumber(ARGV[16])
 local gate = prefix .. 'interactive-waiting'
 -- Calls this process ended since its last attempt.
-settle(prefix, tonumber(ARGV[6]), day, month, 16, first_key - 1)
+settle(prefix, tonumber(ARGV[6]), day, month, ARGV[15], 17, first_key - 1)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local epoch = redis.call('GET', prefix .. 'epoch')
@@ -214,12 +216,17 @@ end
 local best, best_free, total_free = nil, 0, 0
 local best_rpm, best_tpm = 0, 0
 local usable, wait_ms, rate_wait_ms, slot_bound = 0, -1, -1, false
-for i = first_key, #ARGV, 6 do
+-- Keys come in threes: name, slots, and '' (no other limit) or "rpm|tpm|daily|monthly".
+for i = first_key, #ARGV, 3 do
   local name = ARGV[i]
   local limit = tonumber(ARGV[i + 1])
-  local rpm, tpm = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  local rpm, tpm, daily, monthly = 0, 0, 0, 0
+  if ARGV[i + 2] ~= '' then
+    rpm, tpm, daily, monthly = string.match(ARGV[i + 2], '^(%d+)|(%d+)|(%d+)|(%d+)$')
+    rpm, tpm, daily, monthly = tonumber(rpm), tonumber(tpm), tonumber(daily), tonumber(monthly)
+  end
   if redis.call('EXISTS', prefix .. 'revoked:' .. name) == 0
-      and not over_quota(name, tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])) then
+      and not (daily + monthly > 0 and over_quota(name, daily, monthly)) then
     usable = usable + 1
     local pause_ms = redis.call('PTTL', prefix .. 'pause:' .. name)
     if pause_ms > 0 then
@@ -310,9 +317,9 @@ class Lease:
     billed_tokens: int | None = None
 
 
-# An ended call as the settle step reads it: key name, token, model, estimated tokens,
-# billed tokens ('' when unknown) and the key's flags.
-Ended = tuple[str, str, str, str, str, str]
+# An ended call as the settle step reads it: key name, token, and what to settle (see
+# SETTLE_FUNCTION_LUA).
+Ended = tuple[str, str, str]
 
 
 class PrioritySemaphore:
@@ -391,21 +398,23 @@ class KeyPool:
         # A process never holds more than every key's slots (or its share of them, when it is
         # one of several of a worker); waiting here costs no Redis calls.
         self._local = PrioritySemaphore(local_slots or sum(k.max_concurrency for k in keys))
+        # Encoded once: the script's arguments for the keys (three each) and its settings.
         self._key_args = [
-            str(x or 0)
-            for k in keys
-            for x in (k.name, k.max_concurrency, k.rpm, k.tpm, k.daily_tokens, k.monthly_tokens)
+            x.encode() for k in keys for x in (k.name, str(k.max_concurrency), _limits_arg(k))
         ]
         self._flags = {k.name: ("t" if k.tpm else "") + ("q" if k.has_quota else "") for k in keys}
         self._has_quotas = any(k.has_quota for k in keys)
         window_ms = int((window_s + constants.RATE_WINDOW_MARGIN_S) * 1000)
-        self._static_args: list[str | int | float] = [
-            prefix,
-            self._lease_ms,
-            int(constants.INTERACTIVE_GATE_S * 1000),
-            window_ms,
-            constants.TOKEN_RESERVE_FACTOR,
-            constants.TOKEN_RATIO_ALPHA,
+        self._static_args = [
+            str(x).encode()
+            for x in (
+                prefix,
+                self._lease_ms,
+                int(constants.INTERACTIVE_GATE_S * 1000),
+                window_ms,
+                constants.TOKEN_RESERVE_FACTOR,
+                constants.TOKEN_RATIO_ALPHA,
+            )
         ]
         self._settle = redis.register_script(SETTLE_LUA)
         self._restore = redis.register_script(RESTORE_LUA)
@@ -414,6 +423,11 @@ class KeyPool:
         self._asks: dict[str, tuple[str, int]] = {}
         # Ended calls that the next attempt of this process releases and settles.
         self._ended: list[Ended] = []
+        # Per model: tokens billed and estimated by calls since they were last sent.
+        self._observed: dict[str, list[int]] = {}
+        self._learn_due_s = 0.0
+        # Without a token window the script needs no model nor estimate.
+        self._uses_estimates = any(k.tpm for k in keys)
         self._period: tuple[int, str, str] = (-1, "", "")
         self._releasing: set[asyncio.Task[None]] = set()
         self._epoch: str | None = None
@@ -444,7 +458,8 @@ class KeyPool:
             seen = await asyncio.shield(self._witness_read)
             self._epoch = self._epoch or seen
         ended, self._ended = self._ended, []
-        model, estimated = self._asks.get(token, ("", 0))
+        model, estimated = self._asks.get(token, ("", 0)) if self._uses_estimates else ("", 0)
+        learn = self._learn_arg(time.monotonic())
         try:
             outcome, value, epoch = await self._acquire(
                 args=[
@@ -456,6 +471,7 @@ class KeyPool:
                     "1" if interactive else "0",
                     model,
                     estimated,
+                    learn,
                     len(ended),
                     *(x for entry in ended for x in entry),
                     *self._key_args,
@@ -463,6 +479,7 @@ class KeyPool:
             )
         except BaseException:
             self._ended += ended  # not sent: the next attempt, or the flush, releases them
+            self._unsent(learn)
             raise
         current = asyncio.current_task()
         if current is not None and current.cancelling():
@@ -499,16 +516,33 @@ class KeyPool:
         return self._period[1], self._period[2]
 
     def _ended_entry(self, lease: Lease) -> Ended:
-        billed = "" if lease.billed_tokens is None else str(lease.billed_tokens)
-        name = lease.key.name
-        return (
-            name,
-            lease.token,
-            lease.model,
-            str(lease.estimated_tokens),
-            billed,
-            self._flags[name],
-        )
+        name, billed = lease.key.name, lease.billed_tokens
+        if billed and lease.estimated_tokens and lease.model:
+            seen = self._observed.setdefault(lease.model, [0, 0])
+            seen[0] += billed
+            seen[1] += lease.estimated_tokens
+        flags = self._flags[name]
+        if billed is None or not flags:
+            return name, lease.token, ""
+        return name, lease.token, f"{flags}|{billed}"
+
+    def _learn_arg(self, now_s: float | None = None) -> str:
+        """One model's billed and estimated tokens since they were last sent ('' if none, or,
+        given the time, if the last were sent less than a moment ago)."""
+        if not self._observed or (now_s is not None and now_s < self._learn_due_s):
+            return ""
+        if now_s is not None:
+            self._learn_due_s = now_s + constants.TOKEN_RATIO_SEND_S
+        model, (billed, estimated) = self._observed.popitem()
+        return f"{billed}|{estimated}|{model}"
+
+    def _unsent(self, learn: str) -> None:
+        """Keep an observation whose trip failed for the next one."""
+        if learn:
+            billed, estimated, model = learn.split("|", 2)
+            seen = self._observed.setdefault(model, [0, 0])
+            seen[0] += int(billed)
+            seen[1] += int(estimated)
 
     @asynccontextmanager
     async def slot(
@@ -546,16 +580,21 @@ class KeyPool:
                 # order): releases whatever that attempt did not take, if it was cancelled.
                 asyncio.get_running_loop().call_soon(self._flush_ended)
 
-    async def _release(self, ended: Sequence[Ended]) -> None:
+    async def _release(self, ended: Sequence[Ended], learn: str = "") -> None:
         try:
-            await self._settle(
-                args=[
-                    self._prefix,
-                    constants.TOKEN_RATIO_ALPHA,
-                    *self._periods(),
-                    *(x for entry in ended for x in entry),
-                ]
-            )
+            if learn or any(entry[2] for entry in ended):
+                await self._settle(
+                    args=[
+                        self._static_args[0],
+                        self._static_args[5],
+                        *self._periods(),
+                        learn,
+                        *(x for entry in ended for x in entry),
+                    ]
+                )
+            else:  # the common case: a key with no window or quota to settle
+                for key_name, token, _ in ended:
+                    await self._redis.zrem(self._prefix + f"slots:{key_name}", token)
         except REDIS_DOWN_ERRORS:
             # The leases expire by themselves; the billed figures are lost to the windows.
             log.warning("action=slot_release_failed keys=%s", ",".join({e[0] for e in ended}))
@@ -569,10 +608,13 @@ class KeyPool:
         task.add_done_callback(self._releasing.discard)
 
     async def flush(self) -> None:
-        """Release every ended lease now (before the process stops)."""
+        """Release every ended lease, and send what the ratios are to learn, now (before the
+        process stops)."""
         self._flush_ended()
         if self._releasing:
             await asyncio.gather(*self._releasing)
+        while self._observed:
+            await self._release([], self._learn_arg())
 
     async def _wait_for_slot(
         self, job_id: str | None, interactive: bool, model: str, estimated_tokens: int
@@ -684,6 +726,11 @@ class KeyPool:
     async def in_use(self, key_name: str) -> int:
         """Live leases of a key (for status displays and tests)."""
         return int(await self._redis.zcard(self._prefix + f"slots:{key_name}"))
+
+
+def _limits_arg(key: ApiKey) -> str:
+    limits = (key.rpm, key.tpm, key.daily_tokens, key.monthly_tokens)
+    return "|".join(str(x or 0) for x in limits) if any(limits) else ""
 
 
 def _quota_reason(name: str, period: str, cap: int, until: dt.date) -> str:
