@@ -26,10 +26,11 @@ the upstream) has room for one more call and its tokens, so no slot is held for 
 minute would refuse, and a key runs its whole rpm at once, then waits for the window to turn
 (the script says how long, the taker sleeps that long). Tokens are reserved as the estimate x
 the model's learnt billed/estimated ratio; the release settles the reservation with the
-billed figure, teaches the ratio, and counts a key's quota (day and month counters, keyed by
-UTC period, with expiry); a key at its quota is out of use until the period turns. The
-release is the one round trip it was before (a script instead of a ZREM), or rides on the
-next attempt.
+billed figure and counts a key's quota (day and month counters, keyed by UTC period, with
+expiry); a key at its quota is out of use until the period turns. The release stays one
+round trip (a script for a key with a window or quota, a ZREM for any other), or rides on
+the next attempt as before. What calls billed against their estimates is summed in the
+process and sent with a later attempt, where the ratio (an EWMA per model) learns from it.
 
 Interactive takers go first. In a process, a priority semaphore serves them before any
 waiting bulk taker. Across processes and hosts, an interactive taker that is told to wait
