@@ -116,8 +116,8 @@ class Services:
             RERANK_DATABASE_URL=self.database_url,
             RERANK_DATA_DIR=str(self.workdir / "data"),
             RERANK_LOG_LEVEL="WARNING",
-            **extra,
         )
+        env.update(extra)  # a target's own settings win
         return env
 
     @functools.cached_property
