@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,11 +44,12 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import func, select
 
-from worker import embedded
+from worker import constants, embedded
 from worker.db.base import utcnow
 from worker.db.models import Job, UpstreamCall
 from worker.db.session import get_sessionmaker
 from worker.settings import Settings, get_settings
+from worker.standin.scoring import rank
 
 PG_ADMIN = os.environ.get("RERANK_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 KEYS = {f"k{i}": f"sk-bench-{i}-{uuid.uuid4().hex[:12]}" for i in range(1, 5)}
@@ -118,8 +119,8 @@ class Services:
             RERANK_DATABASE_URL=self.database_url,
             RERANK_DATA_DIR=str(self.workdir / "data"),
             RERANK_LOG_LEVEL="WARNING",
-            **extra,
         )
+        env.update(extra)  # a target's own settings win
         return env
 
     @functools.cached_property
@@ -137,13 +138,15 @@ class Services:
 
 
 @contextlib.contextmanager
-def services(latency_ms: float = LATENCY_MS) -> Iterator[Services]:
+def services(
+    latency_ms: float = LATENCY_MS, standin_args: Sequence[str] = ()
+) -> Iterator[Services]:
     workdir = Path(tempfile.mkdtemp(prefix="rerank-bench-"))
     port_file = workdir / "standin.port"
     keys = ",".join(f"{n}={s}" for n, s in KEYS.items())
     standin = subprocess.Popen(
         [sys.executable, "-m", "worker.standin", "--port", "0", "--port-file", str(port_file),
-         "--keys", keys, "--latency-ms", str(latency_ms)],
+         "--keys", keys, "--latency-ms", str(latency_ms), *standin_args],
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
     redis_port = free_port()
@@ -887,6 +890,109 @@ def bench_bare(calls: int, docs: int) -> list[Row]:
         return [Row(name, run_bare(svc, name, calls, docs)) for name in BARE_CLIENTS]
 
 
+LIMITED_KEY = "k1"
+
+
+def call_span_s(settings: Settings, job_id: str) -> float:
+    """From the start of the job's first upstream call to the end of its last one."""
+    from worker.service.scope import sessions
+
+    with sessions(settings)() as session:
+        rows = session.execute(
+            select(UpstreamCall.created_at, UpstreamCall.latency_ms).where(
+                UpstreamCall.job_id == job_id
+            )
+        ).all()
+    first = min(created for created, _ in rows)
+    last = max(created + dt.timedelta(milliseconds=latency) for created, latency in rows)
+    return (last - first).total_seconds()
+
+
+def limited_job(
+    name: str,
+    requests: int,
+    docs: int,
+    window_s: float,
+    limits: dict[str, int],
+    standin_args: Sequence[str],
+) -> Row:
+    """One job on one key with `limits`, against a stand-in that enforces them itself."""
+    key = {"name": LIMITED_KEY, "secret": KEYS[LIMITED_KEY], "concurrency": SLOTS_PER_KEY}
+    with services(standin_args=["--window-s", str(window_s), *standin_args]) as svc:
+        env = svc.env(
+            RERANK_API_KEYS=json.dumps([{**key, **limits}]), RERANK_RATE_WINDOW_S=str(window_s)
+        )
+        settings = database_settings(env)
+        path = svc.workdir / "requests.jsonl"
+        write_requests(path, requests, docs)
+        with worker(env):
+            time.sleep(3)  # let the worker connect before the clock starts
+            started = time.monotonic()
+            job_id = cli(env, "submit", str(path)).stdout.strip().splitlines()[-1]
+            status = wait_job(settings, job_id)
+            elapsed_s = time.monotonic() - started
+            span_s = call_span_s(settings, job_id)
+        stats = svc.stats()["total"]
+    refused = stats["status_counts"].get("429", 0)
+    figures = {
+        "items": f"{requests} requests",
+        "succeeded": status["succeeded"],
+        "elapsed_s": round(elapsed_s, 1),
+        "calls_span_s": round(span_s, 1),
+        "limits": ", ".join(f"{k} {v}" for k, v in limits.items()) + f" per {window_s:g} s",
+        "refused_rpm": stats["refused_rpm"],
+        "refused_tpm": stats["refused_tpm"],
+        "per_1000_calls_429": round(1000 * refused / max(stats["ok"], 1), 1),
+    }
+    return Row(name, figures)
+
+
+def bench_limits(rpm: int, calls: int, window_s: float, docs: int) -> list[Row]:
+    """Jobs bound by a key's rpm or tpm, against a stand-in enforcing the same limits.
+
+    First 2R calls on a key of rpm R with the real 60 s window: at the limit that is one
+    window plus the calls' own time. Then `calls` calls bound by rpm (the stand-in sends no
+    Retry-After) and by tpm (the stand-in bills twice its own count, which is not the
+    worker's estimate either: the ratio is learnt during the run), over a shortened window,
+    counting the 429s per 1,000 calls answered.
+    """
+    rows = [
+        limited_job(
+            f"2R calls, rpm R={rpm}", 2 * rpm, docs, constants.RATE_WINDOW_S, {"rpm": rpm},
+            ["--rpm", f"{LIMITED_KEY}={rpm}"],
+        )
+    ]  # fmt: skip
+    windows = 5
+    per_window = calls // windows
+    rows.append(
+        limited_job(
+            "rpm-bound job", calls, docs, window_s, {"rpm": per_window},
+            ["--rpm", f"{LIMITED_KEY}={per_window}", "--no-rate-limit-retry-after"],
+        )
+    )  # fmt: skip
+    billed = billed_tokens(calls, docs, factor=2)
+    tpm = billed // windows
+    rows.append(
+        limited_job(
+            "tpm-bound job (billed 2x)", calls, docs, window_s, {"tpm": tpm},
+            ["--tpm", f"{LIMITED_KEY}={tpm}", "--token-factor", "2"],
+        )
+    )  # fmt: skip
+    return rows
+
+
+def billed_tokens(requests: int, docs: int, factor: float) -> int:
+    """What the stand-in bills for the file `write_requests` writes (by its own count)."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "requests.jsonl"
+        write_requests(path, requests, docs)
+        total = 0
+        for line in path.read_text().splitlines():
+            request = json.loads(line)
+            total += rank(request["query"], request["documents"])[1]
+    return round(total * factor)
+
+
 # Column key -> header, in table order. A figure whose key is not here gets a column of its
 # own at the end, headed by the key.
 COLUMNS = {
@@ -913,6 +1019,9 @@ COLUMNS = {
     "mean_calls_in_flight": "calls in flight",
     "succeeded": "succeeded",
     "percent_of_cli": "% of CLI docs/s",
+    "calls_span_s": "first call to last s",
+    "limits": "key limits",
+    "per_1000_calls_429": "429s per 1,000 calls",
 }
 
 TARGETS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
@@ -925,6 +1034,7 @@ TARGETS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "cache": lambda a: bench_cache(a.cache_docs, a.cache_edit_every),
     "interactive": lambda a: bench_interactive(a.bulk_requests, a.samples, a.docs),
     "upload": lambda a: bench_upload(a.corpus_docs),
+    "limits": lambda a: bench_limits(a.limits_rpm, a.limits_calls, a.limits_window_s, a.docs),
 }
 
 
@@ -959,6 +1069,11 @@ def main() -> None:
     parser.add_argument("--cache-docs", type=int, default=100_000, help="cache: corpus size")
     parser.add_argument(
         "--cache-edit-every", type=int, default=100, help="cache: revise 1 in N documents"
+    )
+    parser.add_argument("--limits-rpm", type=int, default=60, help="limits: R (60 s window)")
+    parser.add_argument("--limits-calls", type=int, default=1000, help="limits: bound jobs")
+    parser.add_argument(
+        "--limits-window-s", type=float, default=5, help="limits: window of the bound jobs"
     )
     args = parser.parse_args()
     rows = [row for name in args.only or list(TARGETS) for row in TARGETS[name](args)]

@@ -29,6 +29,23 @@ SLOT_POLL_MAX_S = 0.05
 # holds bulk takers back for this long after each attempt (if its process dies, no longer).
 INTERACTIVE_POLL_MAX_S = 0.01
 INTERACTIVE_GATE_S = 0.5
+# Keys' rpm / tpm hold in any window of this length (RERANK_RATE_WINDOW_S shrinks it for
+# tests). A call counts from the moment it takes its slot, a little before the upstream
+# sees it, so each entry stays this much longer than the window: the upstream's own clock
+# never finds one call more in its window than the limit allows.
+RATE_WINDOW_S = 60.0
+RATE_WINDOW_MARGIN_S = 0.5
+# A call reserves its estimated tokens x the learnt billed/estimated ratio x this, so that
+# calls in flight whose count exceeds the estimate a little do not overfill the window.
+TOKEN_RESERVE_FACTOR = 1.05
+# Weight of each new billed/estimated observation in the learnt ratio (an EWMA per model).
+TOKEN_RATIO_ALPHA = 0.2
+# A process sends what it saw of a model's calls with its next slot attempt, at most this
+# often (the first at once), so that busy workers do not update the ratio on every call.
+TOKEN_RATIO_SEND_S = 0.25
+# Quota counters outlive their UTC period by a margin, then expire.
+DAILY_QUOTA_TTL_S = 2 * 24 * 3600
+MONTHLY_QUOTA_TTL_S = 32 * 24 * 3600
 # While Redis is unreachable, slot takers retry with backoff up to this interval.
 REDIS_RETRY_MAX_S = 2.0
 
@@ -67,6 +84,16 @@ REVOKED_KEY = REDIS_PREFIX + "revoked:{name}"
 CANCELLED_JOB_KEY = REDIS_PREFIX + "cancelled:{job_id}"
 # Interactive slot takers waiting anywhere (member: token, score: expiry in Redis ms).
 INTERACTIVE_WAITERS_KEY = REDIS_PREFIX + "interactive-waiting"
+# Rate windows of a key: call start times; token reservation times, and their amounts
+# (hash field = call token) with the window's total in field "sum".
+RATE_CALLS_KEY = REDIS_PREFIX + "rate:calls:{name}"
+RATE_TOKEN_TIMES_KEY = REDIS_PREFIX + "rate:token-times:{name}"
+RATE_TOKEN_AMOUNTS_KEY = REDIS_PREFIX + "rate:token-amounts:{name}"
+# The learnt billed/estimated token ratio per model (hash field = model).
+TOKEN_RATIO_KEY = REDIS_PREFIX + "token-ratio"
+# Tokens billed to a key in a UTC day (YYYY-MM-DD) / month (YYYY-MM).
+DAILY_TOKENS_KEY = REDIS_PREFIX + "quota:day:{name}:{day}"
+MONTHLY_TOKENS_KEY = REDIS_PREFIX + "quota:month:{name}:{month}"
 SWEEPER_LOCK_KEY = REDIS_PREFIX + "sweeper-lock"
 
 CANCEL_MARK_TTL_S = 7 * 24 * 3600

@@ -17,6 +17,7 @@ from typing import Any
 from worker import catalog, constants, errors
 from worker.db.base import utcnow
 from worker.domain import CachedScore, CallRecord, RequestOutcome, RequestWork
+from worker.upstream import token_estimate
 from worker.upstream.budget import JobBudgets, Reservation, billed_cost
 from worker.upstream.client import CallResult, RerankClient, build_body
 from worker.upstream.limits import KeyPool
@@ -154,23 +155,28 @@ class Reranker:
         # With the cache on, every score is asked for (top_n is applied after the merge):
         # the tokens are the same, and the next run finds each pair.
         top_n = min(work.top_n, size) if work.top_n is not None and keys is None else None
+        documents = [work.documents_json[p] for p in positions]
         body = build_body(
             model=work.model,
             query=work.query,
-            documents_json=[work.documents_json[p] for p in positions],
+            documents_json=documents,
             top_n=top_n,
             return_documents=work.return_documents,
         )
         path = catalog.model_spec(work.model).path
+        estimated = token_estimate.estimate_tokens(work.model, documents, work.query)
         failures = 0
         while True:
-            async with self._pool.slot(work.job_id, work.priority) as lease:
+            async with self._pool.slot(
+                work.job_id, work.priority, model=work.model, estimated_tokens=estimated
+            ) as lease:
                 reservation = None
                 if work.budget is not None:
                     reservation = await self._reserve(work, positions)
                 started = utcnow()
                 try:
                     result = await self._client.rerank(lease.key, path, body)
+                    lease.billed_tokens = result.total_tokens
                     if reservation is not None:
                         await self._settle(work, reservation, result)
                         reservation = None
@@ -184,6 +190,7 @@ class Reranker:
                         self._record(work, lease.key.name, size, started, error=exc)
                     )
                     if isinstance(exc, errors.RateLimited):
+                        lease.billed_tokens = 0  # refused: nothing counted upstream
                         # Paused before the slot is given back, so nobody slips in between.
                         await self._pool.pause(lease.key.name, self._pause_s(exc, failures + 1))
                 else:

@@ -88,6 +88,7 @@ class Engine:
             self._redis,
             settings.keys,
             lease_s=lease_s(settings),
+            window_s=settings.rate_window_s,
             local_slots=settings.slots_per_process,
             witness=SqlEpochWitness(settings.sqlalchemy_url()),
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,18 +18,54 @@ from worker.webhooks.signing import is_webhook_secret
 
 @dataclass(frozen=True)
 class ApiKey:
-    """One upstream key. Only `name` is ever shown, logged or stored."""
+    """One upstream key. Only `name` is ever shown, logged or stored.
+
+    `rpm` / `tpm`: most calls / tokens in any rate window; `daily_tokens` / `monthly_tokens`:
+    most tokens billed in a UTC day / month. None: no such limit.
+    """
 
     name: str
     secret: SecretStr
     max_concurrency: int
+    rpm: int | None = None
+    tpm: int | None = None
+    daily_tokens: int | None = None
+    monthly_tokens: int | None = None
 
     def __repr__(self) -> str:
-        return f"ApiKey(name={self.name!r}, max_concurrency={self.max_concurrency})"
+        limits = "".join(
+            f", {field}={value}"
+            for field in LIMIT_FIELDS
+            if (value := getattr(self, field)) is not None
+        )
+        return f"ApiKey(name={self.name!r}, max_concurrency={self.max_concurrency}{limits})"
+
+    @property
+    def has_quota(self) -> bool:
+        return self.daily_tokens is not None or self.monthly_tokens is not None
+
+
+LIMIT_FIELDS = ("rpm", "tpm", "daily_tokens", "monthly_tokens")
+_JSON_FIELDS = ("name", "secret", "concurrency", *LIMIT_FIELDS)
 
 
 def parse_api_keys(raw: str, default_concurrency: int) -> tuple[ApiKey, ...]:
-    """Parse `NAME=SECRET[@N],...`. Errors name the entry by position and NAME, never the secret."""
+    """Parse a JSON array of key objects, or the short form `NAME=SECRET[@N],...`.
+
+    Errors name the entry by position and NAME, and the field, never the secret.
+    """
+    if raw.lstrip().startswith("["):
+        keys = _parse_json_keys(raw, default_concurrency)
+    else:
+        keys = _parse_short_keys(raw, default_concurrency)
+    names = [k.name for k in keys]
+    for name in names:
+        if names.count(name) > 1:
+            raise errors.ConfigError(f"RERANK_API_KEYS key '{name}' is given twice")
+    return tuple(keys)
+
+
+def _parse_short_keys(raw: str, default_concurrency: int) -> list[ApiKey]:
     keys: list[ApiKey] = []
     for position, entry in enumerate((e.strip() for e in raw.split(",")), start=1):
         if not entry:
@@ -45,10 +82,59 @@ def parse_api_keys(raw: str, default_concurrency: int) -> tuple[ApiKey, ...]:
             secret, limit = head, int(tail)
         if limit < 1:
             raise errors.ConfigError(f"RERANK_API_KEYS key '{name}': concurrency must be >= 1")
-        if any(k.name == name for k in keys):
-            raise errors.ConfigError(f"RERANK_API_KEYS key '{name}' is given twice")
         keys.append(ApiKey(name=name, secret=SecretStr(secret), max_concurrency=limit))
-    return tuple(keys)
+    return keys
+
+
+def _parse_json_keys(raw: str, default_concurrency: int) -> list[ApiKey]:
+    try:
+        entries = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        # exc.msg and the position only: the text around it may hold a secret.
+        raise errors.ConfigError(
+            f"RERANK_API_KEYS is not valid JSON ({exc.msg} at line {exc.lineno}, "
+            f"column {exc.colno})"
+        ) from None
+    if not isinstance(entries, list):
+        raise errors.ConfigError("RERANK_API_KEYS: expected a JSON array of key objects")
+    return [
+        _json_key(entry, position, default_concurrency)
+        for position, entry in enumerate(entries, start=1)
+    ]
+
+
+def _json_key(entry: object, position: int, default_concurrency: int) -> ApiKey:
+    where = f"RERANK_API_KEYS entry {position}"
+    if not isinstance(entry, dict):
+        raise errors.ConfigError(f"{where}: expected an object with 'name' and 'secret'")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise errors.ConfigError(f"{where}: field 'name' must be a non-empty string")
+    where = f"{where} ('{name}')"
+    unknown = sorted(set(entry) - set(_JSON_FIELDS))
+    if unknown:
+        raise errors.ConfigError(f"{where}: unknown field '{unknown[0]}'")
+    secret = entry.get("secret")
+    if not isinstance(secret, str) or not secret:
+        raise errors.ConfigError(f"{where}: field 'secret' must be a non-empty string")
+
+    def whole(field: str) -> int | None:
+        value = entry.get(field)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise errors.ConfigError(f"{where}: field '{field}' must be a whole number >= 1")
+        return value
+
+    return ApiKey(
+        name=name,
+        secret=SecretStr(secret),
+        max_concurrency=whole("concurrency") or default_concurrency,
+        rpm=whole("rpm"),
+        tpm=whole("tpm"),
+        daily_tokens=whole("daily_tokens"),
+        monthly_tokens=whole("monthly_tokens"),
+    )
 
 
 class Settings(BaseSettings):
@@ -83,6 +169,9 @@ class Settings(BaseSettings):
     # Most slots one worker process takes at once (default: every key's). A worker that
     # runs several processes gives each a share, so they do not poll for one another's.
     process_slots: int | None = Field(None, ge=1)
+    # The length of the window that keys' rpm / tpm count in. Providers count a minute;
+    # only tests shrink it, so that a job at the limit takes seconds.
+    rate_window_s: float = Field(constants.RATE_WINDOW_S, gt=0)
 
     # Completion notifications. A webhook URL resolving to a non-public address is refused
     # unless this allows it (tests, private networks).

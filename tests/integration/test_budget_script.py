@@ -10,8 +10,8 @@ import redis.asyncio as aioredis
 
 from worker import errors
 from worker.domain import JobBudget
-from worker.tokens import estimate_tokens
 from worker.upstream.budget import JobBudgets
+from worker.upstream.token_estimate import estimate_tokens
 
 DOCUMENTS = ['"some document text"'] * 4
 
@@ -36,7 +36,7 @@ async def reserve_many(url: str, budget: JobBudget, callers: int) -> tuple[int, 
 
 
 def test_concurrent_reservations_stop_at_the_cap(redis_url: str) -> None:
-    per_call = estimate_tokens("m", "query", DOCUMENTS)
+    per_call = estimate_tokens("m", DOCUMENTS, "query")
     cap = per_call * 10 - 1
     budget = JobBudget(max_tokens=cap, max_cost=None, price_per_million_tokens=None,
                        price_per_search_unit=None)  # fmt: skip

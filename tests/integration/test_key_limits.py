@@ -320,7 +320,7 @@ def test_flush_releases_ended_leases_before_a_process_stops(redis_url: str) -> N
             pool = KeyPool(client, api_keys(alpha=2), lease_s=LEASE_S)
             token = "ended-elsewhere"
             assert await pool._try_acquire(token, None) == ("ok", ALPHA)
-            pool._ended.append((ALPHA, token))  # as a lease handed to a taker that never ran
+            pool._ended.append((ALPHA, token, ""))  # as a lease handed to a taker that never ran
             await pool.flush()
             assert await pool.in_use(ALPHA) == 0
 

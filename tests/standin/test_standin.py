@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from worker.standin import StandinConfig, parse_keys, run_in_thread
+from worker.standin.config import key_limits, parse_limits
 from worker.standin.scoring import Document, count_tokens, rank, relevance_score
 from worker.standin.server import ThreadedStandin
 
@@ -445,3 +446,77 @@ def test_command_line_serves_until_sigterm(tmp_path: Path) -> None:
         finally:
             process.terminate()
         assert process.wait(timeout=10) == 0
+
+
+# --- rate limits, as a provider enforces them -------------------------------------------------
+
+
+def test_rpm_refuses_calls_beyond_the_window_and_counts_them(
+    client: httpx.Client, standin: ThreadedStandin
+) -> None:
+    standin.update(rpm={"alpha": 3}, window_s=0.5)
+
+    statuses = [rerank(client).status_code for _ in range(5)]
+    refused = rerank(client)
+
+    assert statuses == [200, 200, 200, 429, 429]
+    assert refused.status_code == 429
+    # Retry-After says when the oldest admitted call leaves the window.
+    assert 0 < int(refused.headers["retry-after-ms"]) <= 500
+    assert rerank(client, BETA).status_code == 200  # another key has its own window
+    stats = standin.stats()
+    assert stats["keys"]["alpha"]["refused_rpm"] == 3
+    assert stats["keys"]["beta"]["refused_rpm"] == 0
+    assert stats["total"]["refused_rpm"] == 3
+    assert stats["total"]["refused_tpm"] == 0
+    wait_until(lambda: rerank(client).status_code == 200, timeout_s=2)
+
+
+def test_tpm_counts_the_stand_ins_own_tokens_and_refuses_beyond_them(
+    client: httpx.Client, standin: ThreadedStandin
+) -> None:
+    _, tokens = rank(BODY["query"], DOCUMENTS, image_tokens=7)
+    standin.update(tpm={"alpha": 5 * tokens}, token_factor=2, window_s=30)
+
+    answers = [rerank(client) for _ in range(3)]
+
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    # Billed at twice its own count: two calls fill 4 of the 5 call's worth.
+    assert answers[0].json()["usage"]["total_tokens"] == 2 * tokens
+    stats = alpha_stats(standin)
+    refused = (stats["refused_tpm"], stats["refused_rpm"])
+    assert (refused, stats["tokens_billed"]) == ((1, 0), 4 * tokens)
+
+
+def test_a_rate_limit_429_comes_without_retry_after_when_so_configured(
+    client: httpx.Client, standin: ThreadedStandin
+) -> None:
+    standin.update(rpm={"alpha": 1}, rate_limit_retry_after=False)
+
+    assert rerank(client).status_code == 200
+    refused = rerank(client)
+
+    assert refused.status_code == 429
+    assert "retry-after" not in refused.headers
+    assert "retry-after-ms" not in refused.headers
+
+
+def test_rate_limits_must_name_configured_keys_with_whole_numbers(
+    standin: ThreadedStandin,
+) -> None:
+    for bad in ({"rpm": {"gamma": 3}}, {"tpm": {"alpha": 0}}, {"rpm": {"alpha": 1.5}}):
+        with pytest.raises(ValueError):
+            standin.update(**bad)
+    with pytest.raises(ValueError, match="window_s"):
+        standin.update(window_s=0)
+
+
+def test_key_limits_come_from_flags_or_the_json_key_form() -> None:
+    spec = '[{"name": "alpha", "secret": "sk-a", "rpm": 50}, {"name": "beta", "secret": "sk-b"}]'
+    assert parse_keys(spec) == {"alpha": "sk-a", "beta": "sk-b"}
+    assert key_limits(spec, "rpm") == {"alpha": 50}
+    assert key_limits("alpha=sk-a", "rpm") == {}
+    assert parse_limits("alpha=50, beta=7", "tpm") == {"alpha": 50, "beta": 7}
+    with pytest.raises(ValueError) as bad:
+        parse_keys('[{"name": "alpha", "secret": "sk-secret-1"}, {"secret": "sk-secret-2"}]')
+    assert "sk-secret" not in str(bad.value)

@@ -8,7 +8,7 @@ from pydantic import SecretStr
 
 from worker.service.estimate import duration_s
 from worker.settings import ApiKey
-from worker.tokens import estimate_search_units, estimate_tokens
+from worker.upstream.token_estimate import estimate_search_units
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,5 @@ def test_a_key_without_the_limit_leaves_the_keys_unbounded_by_it() -> None:
     assert duration_s(200, 1000, 0.5, [key(100, rpm=10), key(100)], 4)[1] == "concurrency"
 
 
-def test_token_estimate_counts_the_query_with_each_document() -> None:
-    assert estimate_tokens("m", "abcd", ['"abcdefgh"', '{"image":"x"}']) == (1 + 3) + (1 + 1000)
-    assert estimate_search_units(101) == 2
+def test_a_search_unit_is_a_query_with_up_to_a_hundred_documents() -> None:
+    assert (estimate_search_units(100), estimate_search_units(101)) == (1, 2)

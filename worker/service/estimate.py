@@ -12,19 +12,21 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import redis
 from sqlalchemy.orm import Session
 
-from worker import cache, catalog, ingest, tokens
+from worker import cache, catalog, constants, ingest
 from worker.db import repository
+from worker.redis_clients import redis_url, sync_redis
 from worker.service.scope import sessions
-from worker.service.submit import REQUEST_BATCH, JobOptions
+from worker.service.submit import REQUEST_BATCH, JobOptions, input_limits
 from worker.settings import ApiKey, Settings, get_settings
+from worker.upstream import token_estimate
 
 # Documents looked up in the score cache per query.
 LOOKUP_BATCH = 5000
 # Recent successful calls whose latency makes the assumed latency of a call.
 LATENCY_SAMPLE = 1000
-WINDOW_S = 60.0
 
 
 @dataclass
@@ -63,7 +65,8 @@ def estimate_job(
 ) -> Estimate:
     settings = settings or get_settings()
     options = options or JobOptions()
-    options.check()
+    limits = input_limits(settings)
+    options.check(limits, settings)
     model = options.model or settings.default_model
     result = Estimate()
     tallies: dict[str, _Tally] = {}
@@ -71,16 +74,26 @@ def estimate_job(
         if options.query is not None:
             corpus = ingest.RequestInput(0, "corpus", options.query, model, options.top_n, False)
             _count_corpus(
-                session, corpus, ingest.iter_corpus(lines), options, settings, result, tallies
+                session,
+                corpus,
+                ingest.iter_corpus(lines, limits=limits),
+                options,
+                settings,
+                result,
+                tallies,
             )
         else:
-            requests = ingest.iter_requests(lines, default_model=model, default_top_n=options.top_n)
+            requests = ingest.iter_requests(
+                lines, default_model=model, default_top_n=options.top_n, limits=limits
+            )
             for batch in _batches(requests, REQUEST_BATCH):
                 _count_requests(session, batch, options, settings, result, tallies)
         prices = repository.model_prices(session)
         latency_s, result.latency_from = _call_latency_s(session, settings)
         session.rollback()
+    ratios = _learnt_ratios(settings, tallies)
     for name, tally in sorted(tallies.items()):
+        tally.tokens = token_estimate.expected_tokens(tally.tokens, ratios.get(name))
         result.calls += tally.calls
         result.estimated_tokens += tally.tokens
         result.search_units += tally.search_units
@@ -97,6 +110,7 @@ def estimate_job(
         latency_s,
         settings.keys,
         settings.max_concurrency_per_key,
+        settings.rate_window_s,
     )
     return result
 
@@ -164,7 +178,7 @@ def _count_corpus(
             hits = _cached(session, corpus.model, corpus.query, chunk)
             result.cached_pairs += sum(hits)
             kept = [d for d, hit in zip(chunk, hits, strict=True) if not hit]
-        tally.tokens += tokens.estimate_tokens(corpus.model, corpus.query, kept)
+        tally.tokens += token_estimate.estimate_tokens(corpus.model, kept, corpus.query)
         return len(kept)
 
     for document in documents:
@@ -178,7 +192,7 @@ def _count_corpus(
     per_call = catalog.max_documents_per_call(corpus.model, settings.max_documents_per_call)
     sizes = _call_sizes(uncached, per_call)
     tally.calls += len(sizes)
-    tally.search_units += sum(tokens.estimate_search_units(size) for size in sizes)
+    tally.search_units += sum(token_estimate.estimate_search_units(size) for size in sizes)
 
 
 def _call_sizes(documents: int, per_call: int) -> list[int]:
@@ -192,8 +206,8 @@ def _add_calls(
     per_call = catalog.max_documents_per_call(model, settings.max_documents_per_call)
     sizes = _call_sizes(len(documents), per_call)
     tally.calls += len(sizes)
-    tally.tokens += tokens.estimate_tokens(model, query, documents)
-    tally.search_units += sum(tokens.estimate_search_units(size) for size in sizes)
+    tally.tokens += token_estimate.estimate_tokens(model, documents, query)
+    tally.search_units += sum(token_estimate.estimate_search_units(size) for size in sizes)
 
 
 def _call_latency_s(session: Session, settings: Settings) -> tuple[float, str]:
@@ -204,12 +218,24 @@ def _call_latency_s(session: Session, settings: Settings) -> tuple[float, str]:
     return settings.estimate_call_latency_s, "setting"
 
 
+def _learnt_ratios(settings: Settings, tallies: dict[str, _Tally]) -> dict[str, float]:
+    """Billed / estimated tokens per model, as the workers learnt them from answers' usage
+    (shared in Redis); an estimate made where Redis is out of reach uses the plain guess."""
+    try:
+        client = sync_redis(redis_url(settings))
+        found = {model: token_estimate.learnt_ratio(client, model) for model in tallies}
+    except redis.exceptions.RedisError:
+        return {}
+    return {model: ratio for model, ratio in found.items() if ratio is not None}
+
+
 def duration_s(
     calls: int,
     estimated_tokens: int,
     latency_s: float,
     keys: Sequence[ApiKey],
     default_concurrency: int,
+    window_s: float = constants.RATE_WINDOW_S,
 ) -> tuple[float, str]:
     """The longest of: the calls at the keys' concurrency, at their RPM, at their TPM.
 
@@ -224,7 +250,7 @@ def duration_s(
         per_minute = [_limit_of(key, limit) for key in keys]
         if per_minute and all(per_minute):
             windows = math.ceil(amount / sum(per_minute)) - 1
-            bounds[limit] = max(0, windows) * WINDOW_S + latency_s
+            bounds[limit] = max(0, windows) * window_s + latency_s
     bound_by = max(bounds, key=lambda name: bounds[name])
     return round(bounds[bound_by], 3), bound_by
 

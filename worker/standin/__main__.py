@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 
 from worker.event_loop import new_event_loop
-from worker.standin.config import StandinConfig, parse_keys
+from worker.standin.config import StandinConfig, key_limits, parse_keys, parse_limits
 from worker.standin.server import StandinServer
 
 KEYS_ENV = "RERANK_STANDIN_KEYS"
@@ -35,7 +35,23 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8302, help="0 picks a free port")
     parser.add_argument("--port-file", type=Path, help="write the bound port here")
-    parser.add_argument("--keys", help=f"NAME=SECRET[@N],... (default: ${KEYS_ENV})")
+    parser.add_argument(
+        "--keys",
+        help=f"NAME=SECRET[@N],... or a JSON array of key objects, whose rpm and tpm "
+        f"fields set those limits (default: ${KEYS_ENV})",
+    )
+    parser.add_argument("--rpm", default="", help="NAME=N,...: calls per window per key")
+    parser.add_argument("--tpm", default="", help="NAME=N,...: tokens per window per key")
+    parser.add_argument("--window-s", type=float, default=60, help="the rate window (60)")
+    parser.add_argument(
+        "--rate-limit-retry-after",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="send Retry-After with a rate-limit 429 (--no-rate-limit-retry-after: none)",
+    )
+    parser.add_argument(
+        "--token-factor", type=float, default=1, help="bill this times the stand-in's count"
+    )
     parser.add_argument("--latency-ms", type=float, default=0)
     parser.add_argument("--latency-jitter-ms", type=float, default=0)
     parser.add_argument("--fault-429", type=float, default=0)
@@ -51,11 +67,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> StandinConfig:
-    keys = parse_keys(args.keys or os.environ.get(KEYS_ENV, ""))
+    spec = args.keys or os.environ.get(KEYS_ENV, "")
+    keys = parse_keys(spec)
     if not keys:
         raise ValueError(f"no keys: pass --keys or set {KEYS_ENV}")
     return StandinConfig(
         keys=keys,
+        rpm={**key_limits(spec, "rpm"), **parse_limits(args.rpm, "rpm")},
+        tpm={**key_limits(spec, "tpm"), **parse_limits(args.tpm, "tpm")},
+        window_s=args.window_s,
+        rate_limit_retry_after=args.rate_limit_retry_after,
+        token_factor=args.token_factor,
         latency_ms=args.latency_ms,
         latency_jitter_ms=args.latency_jitter_ms,
         fault_429=args.fault_429,

@@ -1,16 +1,25 @@
-"""Run-time knobs of the rerank stand-in: keys, latency and fault probabilities."""
+"""Run-time knobs of the rerank stand-in: keys, their rate limits, latency and fault probabilities."""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from typing import Any
 
 from worker.standin import usage_shapes
 from worker.standin.scoring import DEFAULT_IMAGE_TOKENS
 
 _PROBABILITY_FIELDS = ("fault_429", "fault_5xx", "fault_drop", "fault_slow")
-_DURATION_FIELDS = ("latency_ms", "latency_jitter_ms", "slow_ms", "retry_after_s", "pause_grace_ms")
+_DURATION_FIELDS = (
+    "latency_ms",
+    "latency_jitter_ms",
+    "slow_ms",
+    "retry_after_s",
+    "pause_grace_ms",
+    "token_factor",
+)
+_LIMIT_FIELDS = ("rpm", "tpm")
 
 
 @dataclass(frozen=True)
@@ -32,12 +41,28 @@ class StandinConfig:
     max_documents: int = 2048
     seed: int = 0
     image_tokens: int = DEFAULT_IMAGE_TOKENS
+    # Per key NAME: most calls admitted (`rpm`) and tokens billed (`tpm`) in any sliding
+    # window of `window_s`; a call beyond either is refused with a 429, with a Retry-After
+    # (until the window has room) or, as some providers do, without one.
+    rpm: dict[str, int] = field(default_factory=dict)
+    tpm: dict[str, int] = field(default_factory=dict)
+    window_s: float = 60
+    rate_limit_retry_after: bool = True
+    # Tokens billed are the stand-in's own count times this (a provider counting otherwise).
+    token_factor: float = 1
+
     # model -> how its answers carry usage (usage_shapes.SHAPES), over the default table.
-    usage_shapes: dict[str, str] = dataclasses.field(default_factory=dict)
+    usage_shapes: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_keys(self.keys)
         _check_usage_shapes(self.usage_shapes)
+        for name in _LIMIT_FIELDS:
+            _check_limits(name, getattr(self, name), self.keys)
+        if _number(self, "window_s") <= 0:
+            raise ValueError("window_s must be > 0")
+        if not isinstance(self.rate_limit_retry_after, bool):
+            raise ValueError("rate_limit_retry_after must be a boolean")
         for name in _PROBABILITY_FIELDS:
             value = _number(self, name)
             if not 0 <= value <= 1:
@@ -60,7 +85,10 @@ class StandinConfig:
 
 
 def parse_keys(spec: str) -> dict[str, str]:
-    """Read RERANK_API_KEYS syntax (`NAME=SECRET[@N],...`); errors never quote a secret."""
+    """Read RERANK_API_KEYS syntax (`NAME=SECRET[@N],...` or its JSON array); errors never
+    quote a secret."""
+    if spec.lstrip().startswith("["):
+        return {name: secret for name, secret, _ in _json_keys(spec)}
     keys: dict[str, str] = {}
     for position, entry in enumerate((e.strip() for e in spec.split(",")), start=1):
         if not entry:
@@ -76,6 +104,51 @@ def parse_keys(spec: str) -> dict[str, str]:
             raise ValueError(f"key '{name}' is given twice")
         keys[name] = secret
     return keys
+
+
+def key_limits(spec: str, what: str) -> dict[str, int]:
+    """The `what` fields (rpm or tpm) of a JSON key array; none in the short form."""
+    if not spec.lstrip().startswith("["):
+        return {}
+    return {name: fields[what] for name, _, fields in _json_keys(spec) if fields.get(what)}
+
+
+def parse_limits(spec: str, what: str) -> dict[str, int]:
+    """`NAME=N,...`, as --rpm and --tpm take them."""
+    limits: dict[str, int] = {}
+    for entry in (e.strip() for e in spec.split(",")):
+        if not entry:
+            continue
+        name, sep, value = entry.partition("=")
+        if not sep or not name.strip() or not value.strip().isdigit():
+            raise ValueError(f"{what} entry '{entry}': expected NAME=N")
+        limits[name.strip()] = int(value)
+    return limits
+
+
+def _json_keys(spec: str) -> list[tuple[str, str, dict[str, Any]]]:
+    try:
+        entries = json.loads(spec)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"keys: not valid JSON ({exc.msg}, column {exc.colno})") from None
+    found = []
+    for position, entry in enumerate(entries if isinstance(entries, list) else [None], 1):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        secret = entry.get("secret") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name or not isinstance(secret, str) or not secret:
+            raise ValueError(f"key entry {position}: expected an object with name and secret")
+        found.append((name, secret, entry))
+    return found
+
+
+def _check_limits(what: str, limits: object, keys: dict[str, str]) -> None:
+    if not isinstance(limits, dict):
+        raise ValueError(f"{what} must be a mapping of key name to a whole number")
+    for name, value in limits.items():
+        if name not in keys:
+            raise ValueError(f"{what}: no key named '{name}'")
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{what} of key '{name}' must be a whole number >= 1")
 
 
 def _check_keys(keys: object) -> None:

@@ -18,6 +18,7 @@ import math
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
@@ -27,7 +28,7 @@ import h11
 
 from worker.standin import usage_shapes
 from worker.standin.config import StandinConfig
-from worker.standin.scoring import Document, rank
+from worker.standin.scoring import Document, count_tokens, rank
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,9 @@ class _Rejected(Exception):
         self.response = response
 
 
+_RATE_LIMIT_EXCEEDED = {"detail": "Rate limit exceeded"}
+
+
 def _bad_request(detail: str) -> _Rejected:
     return _Rejected(_json_response(400, {"detail": detail}))
 
@@ -111,12 +115,18 @@ def _unprocessable(detail: str) -> _Rejected:
     return _Rejected(_json_response(422, {"detail": detail}))
 
 
-def _rate_limited(retry_after_s: float) -> _Response:
+def _rate_limited(retry_after_s: float, payload: object = _RATE_LIMIT_EXCEEDED) -> _Response:
     """Whole seconds in Retry-After (the HTTP grammar); sub-second waits also in retry-after-ms."""
     headers = [("retry-after", str(math.ceil(retry_after_s)))]
     if retry_after_s < 1:
         headers.append(("retry-after-ms", str(round(retry_after_s * 1000))))
-    return _json_response(429, {"detail": "Rate limit exceeded"}, tuple(headers))
+    return _json_response(429, payload, tuple(headers))
+
+
+def _billed_tokens(request: RerankRequest, config: StandinConfig) -> int:
+    """What the call bills, by the stand-in's own count (not rerank-worker's estimate)."""
+    tokens = sum(count_tokens(request.query, doc, config.image_tokens) for doc in request.documents)
+    return round(tokens * config.token_factor)
 
 
 @dataclass(frozen=True)
@@ -239,10 +249,40 @@ class _Counters:
     in_flight: int = 0
     max_in_flight: int = 0
     calls_during_pause: int = 0
+    # Calls refused with a 429 because the key's rpm / tpm window was full.
+    refused_rpm: int = 0
+    refused_tpm: int = 0
 
     def cleared(self) -> _Counters:
         """Zeroed, but still knowing about requests that are being served right now."""
         return _Counters(in_flight=self.in_flight, max_in_flight=self.in_flight)
+
+
+class _RateWindow:
+    """A key's admitted calls in its sliding window: arrival times and tokens billed."""
+
+    def __init__(self) -> None:
+        self._calls: deque[tuple[float, int]] = deque()
+        self._tokens = 0
+
+    def admit(
+        self, now_s: float, tokens: int, rpm: int | None, tpm: int | None, window_s: float
+    ) -> tuple[str, float] | None:
+        """Record the call, or refuse it: which limit, and the seconds until it would fit."""
+        while self._calls and self._calls[0][0] <= now_s - window_s:
+            self._tokens -= self._calls.popleft()[1]
+        if rpm is not None and len(self._calls) >= rpm:
+            return "rpm", self._calls[len(self._calls) - rpm][0] + window_s - now_s
+        # A call bigger than the whole limit is let into an empty window alone.
+        excess = self._tokens + tokens - (tpm or 0)
+        if tpm is not None and self._tokens > 0 and excess > 0:
+            for arrived_s, billed in self._calls:
+                excess -= billed
+                if excess <= 0:
+                    return "tpm", arrived_s + window_s - now_s
+        self._calls.append((now_s, tokens))
+        self._tokens += tokens
+        return None
 
 
 class _Ledger:
@@ -252,6 +292,7 @@ class _Ledger:
         self._keys: dict[str, _Counters] = {}
         self._total = _Counters()
         self._pauses: dict[str, tuple[float, float]] = {}
+        self.windows: dict[str, _RateWindow] = {}
 
     def call_started(self, name: str, now_s: float) -> None:
         from_s, until_s = self._pauses.get(name, (math.inf, -math.inf))
@@ -295,6 +336,7 @@ class _Ledger:
         self._keys = {name: counters.cleared() for name, counters in self._keys.items()}
         self._total = self._total.cleared()
         self._pauses.clear()
+        self.windows.clear()
 
     def _both(self, name: str) -> tuple[_Counters, _Counters]:
         return self._keys.setdefault(name, _Counters()), self._total
@@ -519,6 +561,11 @@ class StandinServer:
         except _Rejected as rejected:
             await self._reply(connection, name, rejected.response)
             return True
+        if name in config.rpm or name in config.tpm:
+            refusal = self._refusal(name, request, config)
+            if refusal is not None:
+                await self._reply(connection, name, refusal)
+                return True
         plan = self._draw_plan(config)
         if await connection.client_left_during(plan.delay_s):
             return self._client_left(name)
@@ -551,6 +598,24 @@ class StandinServer:
         if status is not None:
             raise _Rejected(_REVOKED[status])
 
+    def _refusal(
+        self, name: str, request: RerankRequest, config: StandinConfig
+    ) -> _Response | None:
+        """A 429 when the call does not fit the key's window (as a provider counts it)."""
+        tokens = _billed_tokens(request, config) if name in config.tpm else 0
+        window = self._ledger.windows.setdefault(name, _RateWindow())
+        refused = window.admit(
+            time.monotonic(), tokens, config.rpm.get(name), config.tpm.get(name), config.window_s
+        )
+        if refused is None:
+            return None
+        limit, retry_after_s = refused
+        self._ledger.bump(name, f"refused_{limit}")
+        detail = {"detail": f"Rate limit exceeded: {limit.upper()} limit of this key reached"}
+        if config.rate_limit_retry_after:
+            return _rate_limited(max(retry_after_s, 0.001), detail)
+        return _json_response(429, detail)
+
     def _draw_plan(self, config: StandinConfig) -> _Plan:
         """Draw jitter and every fault on arrival, so a seed replays the same run."""
         jitter_ms = (
@@ -578,6 +643,8 @@ class StandinServer:
             request.return_documents,
             config.image_tokens,
         )
+        if config.token_factor != 1:
+            tokens = round(tokens * config.token_factor)
         shape = usage_shapes.shape_of(request.model, config.usage_shapes)
         payload = {
             "model": request.model,

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from worker import constants, errors, tokens
+from worker import constants, errors
 from worker.domain import JobBudget
+from worker.upstream import token_estimate
 
 RESERVE_LUA = """
 local budget = KEYS[1]
@@ -83,8 +84,8 @@ class JobBudgets:
                 f"the job's cost cap ({budget.max_cost:g}) cannot be kept: model {model} has "
                 "no price (set one with `rerank-worker prices set`)"
             )
-        estimated = tokens.estimate_tokens(model, query, documents_json)
-        cost = budget.cost(estimated, tokens.estimate_search_units(len(documents_json)))
+        estimated = token_estimate.estimate_tokens(model, documents_json, query)
+        cost = budget.cost(estimated, token_estimate.estimate_search_units(len(documents_json)))
         answer = await self._reserve(
             keys=[self._key(job_id)],
             args=[

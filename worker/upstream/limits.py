@@ -19,6 +19,19 @@ A lease that ends while another taker of this process waits is not released on i
 its removal rides on that taker's next attempt, so a busy process makes one round trip per
 call instead of two. Leases only ever go later than they would, never earlier.
 
+Rate limits ride in the same script. A key with `rpm` keeps a sorted set of its calls' start
+times, one with `tpm` a sorted set of its calls' token reservations (amounts in a hash, with
+their total): a slot is only taken on a key whose last window (plus a margin for the trip to
+the upstream) has room for one more call and its tokens, so no slot is held for a call the
+minute would refuse, and a key runs its whole rpm at once, then waits for the window to turn
+(the script says how long, the taker sleeps that long). Tokens are reserved as the estimate x
+the model's learnt billed/estimated ratio; the release settles the reservation with the
+billed figure and counts a key's quota (day and month counters, keyed by UTC period, with
+expiry); a key at its quota is out of use until the period turns. The release stays one
+round trip (a script for a key with a window or quota, a ZREM for any other), or rides on
+the next attempt as before. What calls billed against their estimates is summed in the
+process and sent with a later attempt, where the ratio (an EWMA per model) learns from it.
+
 Interactive takers go first. In a process, a priority semaphore serves them before any
 waiting bulk taker. Across processes and hosts, an interactive taker that is told to wait
 registers in a sorted set (member: its token, score: an expiry a moment ahead, refreshed on
@@ -31,8 +44,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import random
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -48,21 +63,77 @@ from worker.settings import ApiKey
 
 log = logging.getLogger(__name__)
 
-ACQUIRE_LUA = """
+# Ends calls' leases and settles what they billed: a token reservation takes the billed
+# figure (a refused call's, 0), and a key with a quota counts it in the day's and the month's
+# counters. Entries of three fields: key name, token, and '' (nothing to settle) or
+# "flags|billed" (flags 't': the key has a token window, 'q': it has a quota).
+# `learn` ('' or "billed|estimated|model") is what calls of a model billed against their
+# estimates since the last time; the model's ratio (an EWMA) learns from it.
+SETTLE_FUNCTION_LUA = """
+local function settle(prefix, alpha, day, month, learn, first, last)
+  for i = first, last, 3 do
+    local name, token = ARGV[i], ARGV[i + 1]
+    redis.call('ZREM', prefix .. 'slots:' .. name, token)
+    local flags, billed = string.match(ARGV[i + 2], '^(%a*)|(%d+)$')
+    billed = tonumber(billed)
+    if billed then
+      if string.find(flags, 't', 1, true) then
+        local amounts = prefix .. 'rate:token-amounts:' .. name
+        local reserved = tonumber(redis.call('HGET', amounts, token))
+        if reserved then
+          redis.call('HSET', amounts, token, billed)
+          redis.call('HINCRBY', amounts, 'sum', billed - reserved)
+        end
+      end
+      if billed > 0 and string.find(flags, 'q', 1, true) then
+        local daily = prefix .. 'quota:day:' .. name .. ':' .. day
+        local monthly = prefix .. 'quota:month:' .. name .. ':' .. month
+        redis.call('INCRBY', daily, billed)
+        redis.call('EXPIRE', daily, DAILY_TTL)
+        redis.call('INCRBY', monthly, billed)
+        redis.call('EXPIRE', monthly, MONTHLY_TTL)
+      end
+    end
+  end
+  if learn ~= '' then
+    local billed, estimated, model = string.match(learn, '^(%d+)|(%d+)|(.*)$')
+    local ratios = prefix .. 'token-ratio'
+    local seen = tonumber(billed) / tonumber(estimated)
+    local ratio = tonumber(redis.call('HGET', ratios, model))
+    if ratio then seen = ratio + alpha * (seen - ratio) end
+    redis.call('HSET', ratios, model, tostring(seen))
+  end
+end
+""".replace("DAILY_TTL", str(constants.DAILY_QUOTA_TTL_S)).replace(
+    "MONTHLY_TTL", str(constants.MONTHLY_QUOTA_TTL_S)
+)
+
+SETTLE_LUA = (
+    SETTLE_FUNCTION_LUA
+    + """
+settle(ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5], 6, #ARGV)
+"""
+)
+
+ACQUIRE_LUA = (
+    SETTLE_FUNCTION_LUA
+    + """
 local prefix = ARGV[1]
 local lease_ms = tonumber(ARGV[2])
-local token = ARGV[3]
-local cancel_key = ARGV[4]
-local seen_epoch = ARGV[5]
-local interactive = ARGV[6] == '1'
-local gate_ms = tonumber(ARGV[7])
-local releases = tonumber(ARGV[8])
-local first_key = 9 + 2 * releases
+local gate_ms = tonumber(ARGV[3])
+local window_ms = tonumber(ARGV[4])
+local reserve_factor = tonumber(ARGV[5])
+local day, month = ARGV[7], ARGV[8]
+local token = ARGV[9]
+local cancel_key = ARGV[10]
+local seen_epoch = ARGV[11]
+local interactive = ARGV[12] == '1'
+local model = ARGV[13]
+local estimate = tonumber(ARGV[14])
+local first_key = 17 + 3 * tonumber(ARGV[16])
 local gate = prefix .. 'interactive-waiting'
--- Leases this process ended since its last attempt: (key name, token) pairs.
-for i = 9, first_key - 1, 2 do
-  redis.call('ZREM', prefix .. 'slots:' .. ARGV[i], ARGV[i + 1])
-end
+-- Calls this process ended since its last attempt.
+settle(prefix, tonumber(ARGV[6]), day, month, ARGV[15], 17, first_key - 1)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local epoch = redis.call('GET', prefix .. 'epoch')
@@ -90,12 +161,73 @@ if cancel_key ~= '' and redis.call('EXISTS', cancel_key) == 1 then
 end
 local quarantine_ms = redis.call('PTTL', prefix .. 'quarantine')
 if quarantine_ms > 0 then return answer('wait', tostring(quarantine_ms)) end
+local function over_quota(name, daily, monthly)
+  if daily > 0 then
+    local used = tonumber(redis.call('GET', prefix .. 'quota:day:' .. name .. ':' .. day))
+    if used and used >= daily then return true end
+  end
+  if monthly > 0 then
+    local used = tonumber(redis.call('GET', prefix .. 'quota:month:' .. name .. ':' .. month))
+    if used and used >= monthly then return true end
+  end
+  return false
+end
+-- Milliseconds until the key's last `rpm` calls leave the window (0: room now).
+local function calls_wait(name, rpm)
+  local calls = prefix .. 'rate:calls:' .. name
+  redis.call('ZREMRANGEBYSCORE', calls, '-inf', now - window_ms)
+  local count = redis.call('ZCARD', calls)
+  if count < rpm then return 0 end
+  local leaving = redis.call('ZRANGE', calls, count - rpm, count - rpm, 'WITHSCORES')
+  return math.max(1, tonumber(leaving[2]) + window_ms - now)
+end
+local reserve = nil
+local function reservation()
+  if not reserve then
+    local ratio = tonumber(redis.call('HGET', prefix .. 'token-ratio', model)) or 1
+    reserve = math.ceil(estimate * ratio * reserve_factor)
+  end
+  return reserve
+end
+-- Milliseconds until enough of the key's reserved tokens leave the window for this call.
+local function tokens_wait(name, tpm)
+  local times = prefix .. 'rate:token-times:' .. name
+  local amounts = prefix .. 'rate:token-amounts:' .. name
+  local gone = redis.call('ZRANGEBYSCORE', times, '-inf', now - window_ms)
+  if #gone > 0 then
+    local freed = 0
+    for _, member in ipairs(gone) do
+      freed = freed + (tonumber(redis.call('HGET', amounts, member)) or 0)
+      redis.call('HDEL', amounts, member)
+    end
+    redis.call('HINCRBY', amounts, 'sum', -freed)
+    redis.call('ZREMRANGEBYSCORE', times, '-inf', now - window_ms)
+  end
+  local sum = tonumber(redis.call('HGET', amounts, 'sum')) or 0
+  -- A call bigger than the whole limit goes alone, into an empty window.
+  local excess = sum + reservation() - tpm
+  if sum <= 0 or excess <= 0 then return 0 end
+  local entries = redis.call('ZRANGE', times, 0, -1, 'WITHSCORES')
+  for j = 1, #entries, 2 do
+    excess = excess - (tonumber(redis.call('HGET', amounts, entries[j])) or 0)
+    if excess <= 0 then return math.max(1, tonumber(entries[j + 1]) + window_ms - now) end
+  end
+  return window_ms
+end
 local best, best_free, total_free = nil, 0, 0
-local usable, wait_ms = 0, -1
-for i = first_key, #ARGV, 2 do
+local best_rpm, best_tpm = 0, 0
+local usable, wait_ms, rate_wait_ms, slot_bound = 0, -1, -1, false
+-- Keys come in threes: name, slots, and '' (no other limit) or "rpm|tpm|daily|monthly".
+for i = first_key, #ARGV, 3 do
   local name = ARGV[i]
   local limit = tonumber(ARGV[i + 1])
-  if redis.call('EXISTS', prefix .. 'revoked:' .. name) == 0 then
+  local rpm, tpm, daily, monthly = 0, 0, 0, 0
+  if ARGV[i + 2] ~= '' then
+    rpm, tpm, daily, monthly = string.match(ARGV[i + 2], '^(%d+)|(%d+)|(%d+)|(%d+)$')
+    rpm, tpm, daily, monthly = tonumber(rpm), tonumber(tpm), tonumber(daily), tonumber(monthly)
+  end
+  if redis.call('EXISTS', prefix .. 'revoked:' .. name) == 0
+      and not (daily + monthly > 0 and over_quota(name, daily, monthly)) then
     usable = usable + 1
     local pause_ms = redis.call('PTTL', prefix .. 'pause:' .. name)
     if pause_ms > 0 then
@@ -104,8 +236,19 @@ for i = first_key, #ARGV, 2 do
       local slots = prefix .. 'slots:' .. name
       redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
       local free = limit - redis.call('ZCARD', slots)
-      if free > 0 then total_free = total_free + free end
-      if free > best_free then best, best_free = name, free end
+      if free <= 0 then
+        slot_bound = true
+      else
+        local rate_ms = 0
+        if rpm > 0 then rate_ms = calls_wait(name, rpm) end
+        if rate_ms == 0 and tpm > 0 then rate_ms = tokens_wait(name, tpm) end
+        if rate_ms > 0 then
+          if rate_wait_ms < 0 or rate_ms < rate_wait_ms then rate_wait_ms = rate_ms end
+        else
+          total_free = total_free + free
+          if free > best_free then best, best_free, best_rpm, best_tpm = name, free, rpm, tpm end
+        end
+      end
     end
   end
 end
@@ -117,11 +260,31 @@ if best then
   local slots = prefix .. 'slots:' .. best
   redis.call('ZADD', slots, now + lease_ms, token)
   redis.call('PEXPIRE', slots, lease_ms * 2)
+  if best_rpm > 0 then
+    local calls = prefix .. 'rate:calls:' .. best
+    redis.call('ZADD', calls, now, token)
+    redis.call('PEXPIRE', calls, window_ms * 2)
+  end
+  if best_tpm > 0 then
+    local times = prefix .. 'rate:token-times:' .. best
+    local amounts = prefix .. 'rate:token-amounts:' .. best
+    redis.call('ZADD', times, now, token)
+    redis.call('HSET', amounts, token, reservation())
+    redis.call('HINCRBY', amounts, 'sum', reservation())
+    redis.call('PEXPIRE', times, window_ms * 2)
+    redis.call('PEXPIRE', amounts, window_ms * 2)
+  end
   return answer('ok', best)
 end
 if usable == 0 then return answer('none', '') end
+-- A key whose window is full frees at a known moment; one whose slots are all taken may
+-- free any time, so the taker then looks again soon.
+if not slot_bound and rate_wait_ms > 0 and (wait_ms < 0 or rate_wait_ms < wait_ms) then
+  wait_ms = rate_wait_ms
+end
 return answer('wait', tostring(wait_ms))
 """
+)
 
 # Put back a lease this process still holds, after Redis lost its state.
 RESTORE_LUA = """
@@ -143,10 +306,21 @@ return 0
 """
 
 
-@dataclass(frozen=True)
+@dataclass
 class Lease:
+    """A slot held for one call; the caller sets `billed_tokens` from the answer (0 for a
+    refusal such as a 429), and the release settles the key's windows and quotas with it."""
+
     key: ApiKey
     token: str
+    model: str = ""
+    estimated_tokens: int = 0
+    billed_tokens: int | None = None
+
+
+# An ended call as the settle step reads it: key name, token, and what to settle (see
+# SETTLE_FUNCTION_LUA).
+Ended = tuple[str, str, str]
 
 
 class PrioritySemaphore:
@@ -209,6 +383,7 @@ class KeyPool:
         keys: Sequence[ApiKey],
         *,
         lease_s: float,
+        window_s: float = constants.RATE_WINDOW_S,
         prefix: str = constants.REDIS_PREFIX,
         local_slots: int | None = None,
         witness: EpochWitness | None = None,
@@ -224,16 +399,41 @@ class KeyPool:
         # A process never holds more than every key's slots (or its share of them, when it is
         # one of several of a worker); waiting here costs no Redis calls.
         self._local = PrioritySemaphore(local_slots or sum(k.max_concurrency for k in keys))
-        self._key_args = [x for k in keys for x in (k.name, str(k.max_concurrency))]
+        # Encoded once: the script's arguments for the keys (three each) and its settings.
+        self._key_args = [
+            x.encode() for k in keys for x in (k.name, str(k.max_concurrency), _limits_arg(k))
+        ]
+        self._flags = {k.name: ("t" if k.tpm else "") + ("q" if k.has_quota else "") for k in keys}
+        self._has_quotas = any(k.has_quota for k in keys)
+        window_ms = int((window_s + constants.RATE_WINDOW_MARGIN_S) * 1000)
+        self._static_args = [
+            str(x).encode()
+            for x in (
+                prefix,
+                self._lease_ms,
+                int(constants.INTERACTIVE_GATE_S * 1000),
+                window_ms,
+                constants.TOKEN_RESERVE_FACTOR,
+                constants.TOKEN_RATIO_ALPHA,
+            )
+        ]
+        self._settle = redis.register_script(SETTLE_LUA)
         self._restore = redis.register_script(RESTORE_LUA)
         self._held: dict[str, str] = {}
-        # Ended leases (key name, token) that the next attempt of this process releases.
-        self._ended: list[tuple[str, str]] = []
+        # What each waiting taker asks for (model, estimated tokens), by its token.
+        self._asks: dict[str, tuple[str, int]] = {}
+        # Ended calls that the next attempt of this process releases and settles.
+        self._ended: list[Ended] = []
+        # Per model: tokens billed and estimated by calls since they were last sent.
+        self._observed: dict[str, list[int]] = {}
+        self._learn_due_s = 0.0
+        # Without a token window the script needs no model nor estimate.
+        self._uses_estimates = any(k.tpm for k in keys)
+        self._period: tuple[int, str, str] = (-1, "", "")
         self._releasing: set[asyncio.Task[None]] = set()
         self._epoch: str | None = None
         self._witness = witness
         self._witness_read: asyncio.Future[str | None] | None = None
-        self._gate_ms = int(constants.INTERACTIVE_GATE_S * 1000)
 
     def _cancel_key(self, job_id: str | None) -> str:
         if job_id is None:
@@ -259,30 +459,35 @@ class KeyPool:
             seen = await asyncio.shield(self._witness_read)
             self._epoch = self._epoch or seen
         ended, self._ended = self._ended, []
+        model, estimated = self._asks.get(token, ("", 0)) if self._uses_estimates else ("", 0)
+        learn = self._learn_arg(time.monotonic())
         try:
             outcome, value, epoch = await self._acquire(
                 args=[
-                    self._prefix,
-                    self._lease_ms,
+                    *self._static_args,
+                    *self._periods(),
                     token,
                     self._cancel_key(job_id),
                     self._epoch or "",
                     "1" if interactive else "0",
-                    self._gate_ms,
+                    model,
+                    estimated,
+                    learn,
                     len(ended),
-                    *(x for pair in ended for x in pair),
+                    *(x for entry in ended for x in entry),
                     *self._key_args,
                 ]
             )
         except BaseException:
             self._ended += ended  # not sent: the next attempt, or the flush, releases them
+            self._unsent(learn)
             raise
         current = asyncio.current_task()
         if current is not None and current.cancelling():
             # redis-py (8.1) can swallow a cancellation that lands while it reconnects; the
             # taker would then poll on for ever. Give back what the script took, and stop.
             if _text(outcome) == "ok":
-                self._ended.append((_text(value), token))
+                self._ended.append(self._ended_entry(Lease(self._keys[_text(value)], token)))
                 asyncio.get_running_loop().call_soon(self._flush_ended)
             raise asyncio.CancelledError
         epoch = _text(epoch)
@@ -301,28 +506,74 @@ class KeyPool:
                 keys=[self._prefix + f"slots:{key_name}"], args=[self._lease_ms, token]
             )
 
+    def _periods(self) -> tuple[str, str]:
+        """The UTC day and month that quota counters count in ('' with no quota)."""
+        if not self._has_quotas:
+            return "", ""
+        day_number = int(time.time() // 86400)
+        if self._period[0] != day_number:
+            day = dt.date(1970, 1, 1) + dt.timedelta(days=day_number)
+            self._period = (day_number, day.isoformat(), day.isoformat()[:7])
+        return self._period[1], self._period[2]
+
+    def _ended_entry(self, lease: Lease) -> Ended:
+        name, billed = lease.key.name, lease.billed_tokens
+        if billed and lease.estimated_tokens and lease.model:
+            seen = self._observed.setdefault(lease.model, [0, 0])
+            seen[0] += billed
+            seen[1] += lease.estimated_tokens
+        flags = self._flags[name]
+        if billed is None or not flags:
+            return name, lease.token, ""
+        return name, lease.token, f"{flags}|{billed}"
+
+    def _learn_arg(self, now_s: float | None = None) -> str:
+        """One model's billed and estimated tokens since they were last sent ('' if none, or,
+        given the time, if the last were sent less than a moment ago)."""
+        if not self._observed or (now_s is not None and now_s < self._learn_due_s):
+            return ""
+        if now_s is not None:
+            self._learn_due_s = now_s + constants.TOKEN_RATIO_SEND_S
+        model, (billed, estimated) = self._observed.popitem()
+        return f"{billed}|{estimated}|{model}"
+
+    def _unsent(self, learn: str) -> None:
+        """Keep an observation whose trip failed for the next one."""
+        if learn:
+            billed, estimated, model = learn.split("|", 2)
+            seen = self._observed.setdefault(model, [0, 0])
+            seen[0] += int(billed)
+            seen[1] += int(estimated)
+
     @asynccontextmanager
     async def slot(
-        self, job_id: str | None = None, priority: str = constants.QUEUE_BULK
+        self,
+        job_id: str | None = None,
+        priority: str = constants.QUEUE_BULK,
+        *,
+        model: str = "",
+        estimated_tokens: int = 0,
     ) -> AsyncIterator[Lease]:
         """Hold one slot of some usable key for the duration of the block.
 
-        An interactive taker gets the next free slot before any bulk taker waiting here
+        The key chosen has room in its rpm / tpm windows for this call (of
+        `estimated_tokens` x the model's learnt ratio) and is within its quotas. An
+        interactive taker gets the next free slot before any bulk taker waiting here
         or in another process.
         """
         interactive = priority == constants.QUEUE_INTERACTIVE
         await self._local.acquire(interactive)
         try:
-            lease = await self._wait_for_slot(job_id, interactive)
+            lease = await self._wait_for_slot(job_id, interactive, model, estimated_tokens)
             self._held[lease.token] = lease.key.name
             try:
                 yield lease
             finally:
                 del self._held[lease.token]
                 if self._local.waiting(True) or self._local.waiting(False):
-                    self._ended.append((lease.key.name, lease.token))
+                    self._ended.append(self._ended_entry(lease))
                 else:
-                    await self._release([(lease.key.name, lease.token)])
+                    await self._release([self._ended_entry(lease)])
         finally:
             self._local.release()
             if self._ended:
@@ -330,12 +581,24 @@ class KeyPool:
                 # order): releases whatever that attempt did not take, if it was cancelled.
                 asyncio.get_running_loop().call_soon(self._flush_ended)
 
-    async def _release(self, leases: Sequence[tuple[str, str]]) -> None:
-        for key_name, token in leases:
-            try:
-                await self._redis.zrem(self._prefix + f"slots:{key_name}", token)
-            except REDIS_DOWN_ERRORS:
-                log.warning("action=slot_release_failed key=%s", key_name)
+    async def _release(self, ended: Sequence[Ended], learn: str = "") -> None:
+        try:
+            if learn or any(entry[2] for entry in ended):
+                await self._settle(
+                    args=[
+                        self._static_args[0],
+                        self._static_args[5],
+                        *self._periods(),
+                        learn,
+                        *(x for entry in ended for x in entry),
+                    ]
+                )
+            else:  # the common case: a key with no window or quota to settle
+                for key_name, token, _ in ended:
+                    await self._redis.zrem(self._prefix + f"slots:{key_name}", token)
+        except REDIS_DOWN_ERRORS:
+            # The leases expire by themselves; the billed figures are lost to the windows.
+            log.warning("action=slot_release_failed keys=%s", ",".join({e[0] for e in ended}))
 
     def _flush_ended(self) -> None:
         if not self._ended:
@@ -346,20 +609,28 @@ class KeyPool:
         task.add_done_callback(self._releasing.discard)
 
     async def flush(self) -> None:
-        """Release every ended lease now (before the process stops)."""
+        """Release every ended lease, and send what the ratios are to learn, now (before the
+        process stops)."""
         self._flush_ended()
         if self._releasing:
             await asyncio.gather(*self._releasing)
+        while self._observed:
+            await self._release([], self._learn_arg())
 
-    async def _wait_for_slot(self, job_id: str | None, interactive: bool) -> Lease:
+    async def _wait_for_slot(
+        self, job_id: str | None, interactive: bool, model: str, estimated_tokens: int
+    ) -> Lease:
         token = uuid.uuid4().hex
-        if not interactive:
-            return await self._poll(token, job_id, interactive=False)
+        self._asks[token] = (model, estimated_tokens)
         try:
-            return await self._poll(token, job_id, interactive=True)
+            key = await self._poll(token, job_id, interactive=interactive)
         except BaseException:
-            await self._leave_gate(token)  # gave up while waiting: stop holding bulk back
+            if interactive:
+                await self._leave_gate(token)  # gave up while waiting: stop holding bulk back
             raise
+        finally:
+            del self._asks[token]
+        return Lease(key, token, model, estimated_tokens)
 
     async def _leave_gate(self, token: str) -> None:
         try:
@@ -367,7 +638,7 @@ class KeyPool:
         except REDIS_DOWN_ERRORS:
             log.warning("action=gate_leave_failed")  # the entry expires by itself
 
-    async def _poll(self, token: str, job_id: str | None, *, interactive: bool) -> Lease:
+    async def _poll(self, token: str, job_id: str | None, *, interactive: bool) -> ApiKey:
         """Attempt until a slot is taken, pausing a little longer after each refusal."""
         attempt = self._try_acquire_interactive if interactive else self._try_acquire
         poll_s = constants.SLOT_POLL_MIN_S
@@ -383,21 +654,23 @@ class KeyPool:
                 continue
             outage_s = 0.0
             if outcome == "ok":
-                return Lease(self._keys[value], token)
+                return self._keys[value]
             if outcome == "cancelled":
                 raise errors.Cancelled(f"job {job_id} was cancelled")
             if outcome == "none":
                 raise errors.NoUsableKey(await self.describe_unusable())
-            wait_s = poll_s
+            wait_s = poll_s * random.uniform(0.8, 1.2)
             if interactive:
                 # Any slot may come free at any moment (and bulk takers leave it alone):
                 # look again soon, whatever a pause on some key says.
                 poll_s = min(poll_s * 2, constants.INTERACTIVE_POLL_MAX_S)
             else:
                 if int(value) > 0:
-                    wait_s = max(poll_s, int(value) / 1000)
+                    # Nothing frees before then (a pause ends, a window has room): no sooner,
+                    # and, spread a little, not much later.
+                    wait_s = int(value) / 1000 + random.uniform(0, constants.SLOT_POLL_MAX_S)
                 poll_s = min(poll_s * 2, constants.SLOT_POLL_MAX_S)
-            await asyncio.sleep(wait_s * random.uniform(0.8, 1.2))
+            await asyncio.sleep(wait_s)
 
     async def pause(self, key_name: str, seconds: float) -> None:
         """Stop every worker from calling on this key for `seconds` (after a 429)."""
@@ -421,15 +694,48 @@ class KeyPool:
 
     async def describe_unusable(self) -> str:
         reasons = []
-        for name in self._keys:
+        for name, key in self._keys.items():
             reason = await self._redis.get(self._prefix + f"revoked:{name}")
             if reason is not None:
                 reasons.append(f"'{name}' ({_text(reason)})")
+            reasons += await self._quota_reasons(key)
         return "no usable API key left: " + ", ".join(reasons or ["none configured"])
+
+    async def quota_used(self, key_name: str) -> tuple[int, int]:
+        """Tokens billed to the key in this UTC day and month (counted for keys with a quota)."""
+        day, month = self._periods()
+        daily, monthly = await self._redis.mget(
+            self._prefix + f"quota:day:{key_name}:{day}",
+            self._prefix + f"quota:month:{key_name}:{month}",
+        )
+        return int(daily or 0), int(monthly or 0)
+
+    async def _quota_reasons(self, key: ApiKey) -> list[str]:
+        if not key.has_quota:
+            return []
+        daily, monthly = await self.quota_used(key.name)
+        today = dt.date(1970, 1, 1) + dt.timedelta(days=int(time.time() // 86400))
+        reasons = []
+        if key.daily_tokens is not None and daily >= key.daily_tokens:
+            until = today + dt.timedelta(days=1)
+            reasons.append(_quota_reason(key.name, "daily", key.daily_tokens, until))
+        if key.monthly_tokens is not None and monthly >= key.monthly_tokens:
+            until = (today.replace(day=1) + dt.timedelta(days=32)).replace(day=1)
+            reasons.append(_quota_reason(key.name, "monthly", key.monthly_tokens, until))
+        return reasons
 
     async def in_use(self, key_name: str) -> int:
         """Live leases of a key (for status displays and tests)."""
         return int(await self._redis.zcard(self._prefix + f"slots:{key_name}"))
+
+
+def _limits_arg(key: ApiKey) -> str:
+    limits = (key.rpm, key.tpm, key.daily_tokens, key.monthly_tokens)
+    return "|".join(str(x or 0) for x in limits) if any(limits) else ""
+
+
+def _quota_reason(name: str, period: str, cap: int, until: dt.date) -> str:
+    return f"key '{name}' reached its {period} quota of {cap:,} tokens until {until}T00:00Z"
 
 
 def _text(value: bytes | str) -> str:
