@@ -65,5 +65,14 @@ CANCELLED_JOB_KEY = REDIS_PREFIX + "cancelled:{job_id}"
 # Interactive slot takers waiting anywhere (member: token, score: expiry in Redis ms).
 INTERACTIVE_WAITERS_KEY = REDIS_PREFIX + "interactive-waiting"
 SWEEPER_LOCK_KEY = REDIS_PREFIX + "sweeper-lock"
+# A list a worker pushes to once it has committed the end of an interactive job; whoever
+# waits for that job (a synchronous rerank) BLPOPs it. It outlives a late waiter briefly.
+JOB_ENDED_KEY = REDIS_PREFIX + "job-ended:{job_id}"
+JOB_ENDED_TTL_S = 120
 
 CANCEL_MARK_TTL_S = 7 * 24 * 3600
+
+# A synchronous rerank waits this long for its job, by default; between two looks at the
+# completion list it reads the job's status in SQL once, in case a notice was lost.
+DEFAULT_SYNC_TIMEOUT_S = 120.0
+SYNC_STATUS_CHECK_S = 1.0

@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     # Most slots one worker process takes at once (default: every key's). A worker that
     # runs several processes gives each a share, so they do not poll for one another's.
     process_slots: int | None = Field(None, ge=1)
+    # How long a synchronous rerank (POST /v1/rerank) waits for its job before it answers 504.
+    sync_timeout_s: float = Field(constants.DEFAULT_SYNC_TIMEOUT_S, gt=0)
 
     @field_validator("api_base")
     @classmethod
