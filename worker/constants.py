@@ -76,3 +76,7 @@ CANCEL_MARK_TTL_S = 7 * 24 * 3600
 # completion list it reads the job's status in SQL once, in case a notice was lost.
 DEFAULT_SYNC_TIMEOUT_S = 120.0
 SYNC_STATUS_CHECK_S = 1.0
+
+# Where `rerank-worker api` listens unless told otherwise.
+API_HOST = "127.0.0.1"
+API_PORT = 8080
