@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from worker.api import errors
-from worker.api.routes import health, jobs
+from worker.api.routes import health, jobs, rerank
 from worker.settings import Settings, get_settings
 
 DESCRIPTION = """Hand rerank jobs to rerank-worker over HTTP, read their results and usage.
@@ -28,4 +28,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(rerank.router)
     return app
