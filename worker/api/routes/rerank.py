@@ -238,8 +238,7 @@ async def cohere_rerank(
     answer = {
         "id": ranking.job_id,
         "results": [
-            {"index": r["index"], "relevance_score": r["relevance_score"]}
-            for r in ranking.results
+            {"index": r["index"], "relevance_score": r["relevance_score"]} for r in ranking.results
         ],
         "meta": {
             "api_version": {"version": "2"},
