@@ -66,6 +66,13 @@ def test_jina_shape_answers_the_standins_ranking_with_documents_and_usage(
         "results": expected,
     }
     assert "submit;dur=" in answer.headers["server-timing"]
+    with served.client("acme") as client:
+        job = client.get(f"/v1/jobs/{answer.headers['rerank-job-id']}").json()
+    assert (job["priority"], job["status"], job["source"]) == (
+        "interactive",
+        "completed",
+        "POST /v1/rerank",
+    )
     assert standin.stats()["total"]["tokens_billed"] == tokens
     assert_no_secret(answer.text, served.log())
 

@@ -39,6 +39,7 @@ FAILURE_STATUS = {
     "timeout": 504,
 }
 RATE_LIMITED_RETRY_AFTER_S = 1
+JOB_HEADER = "Rerank-Job-Id"
 
 DOCUMENT_SCHEMA = {
     "anyOf": [
@@ -140,7 +141,7 @@ def get_notice_redis(request: Request) -> aioredis.Redis:
 
 NoticeRedisDep = Annotated[aioredis.Redis, Depends(get_notice_redis)]
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 429, 502, 503, 504)
+    status: {"model": ErrorResponse} for status in (400, 401, 402, 409, 429, 500, 502, 503, 504)
 }
 
 
@@ -151,9 +152,10 @@ def _failure(exc: errors.RerankFailed) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _server_timing(ranking: rerank_service.Ranking) -> dict[str, str]:
+def _headers(ranking: rerank_service.Ranking) -> dict[str, str]:
+    """The job the rerank ran as (to look up in /v1/jobs), and where its time went."""
     timing = ", ".join(f"{name};dur={ms:.1f}" for name, ms in ranking.timings_ms.items())
-    return {"Server-Timing": timing}
+    return {JOB_HEADER: ranking.job_id, "Server-Timing": timing}
 
 
 async def _run(
@@ -194,7 +196,7 @@ async def _jina(
         "usage": {"total_tokens": ranking.total_tokens},
         "results": ranking.results,
     }
-    return JSONResponse(answer, headers=_server_timing(ranking))
+    return JSONResponse(answer, headers=_headers(ranking))
 
 
 router.add_api_route(
@@ -249,4 +251,4 @@ async def cohere_rerank(
             "tokens": {"input_tokens": ranking.total_tokens, "output_tokens": 0},
         },
     }
-    return JSONResponse(answer, headers=_server_timing(ranking))
+    return JSONResponse(answer, headers=_headers(ranking))
