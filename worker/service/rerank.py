@@ -84,7 +84,7 @@ async def rerank(
     job_id = await anyio.to_thread.run_sync(_submit, request, scope, settings, source)
     submitted = time.perf_counter()
     limit_s = timeout_s if timeout_s is not None else settings.sync_timeout_s
-    await _wait_for_end(job_id, scope, redis_client, settings, limit_s)
+    await wait_for_end(job_id, scope, redis_client, settings, limit_s)
     ended = time.perf_counter()
     ranking = await anyio.to_thread.run_sync(_read, job_id, request, settings)
     ranking.timings_ms = {
@@ -111,7 +111,7 @@ def _submit(request: RerankInput, scope: Scope, settings: Settings, source: str)
     return submitted.job_id
 
 
-async def _wait_for_end(
+async def wait_for_end(
     job_id: str, scope: Scope, client: aioredis.Redis, settings: Settings, limit_s: float
 ) -> None:
     """Until the job's notice comes, or its row says it ended (a notice may be lost); at the
