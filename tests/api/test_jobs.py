@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
-from conftest import ApiServer
-from jobs_support import expected_results, make_requests, write_jsonl
-from sqlalchemy import func, select
+from conftest import ApiServer, wait_for
+from jobs_support import assert_no_secret, expected_results, make_requests, write_jsonl
+from sqlalchemy import func, select, text
 
 from worker.db.models import Document, Job, Request
 from worker.db.session import get_sessionmaker
@@ -75,6 +79,7 @@ def test_a_job_posted_over_http_runs_and_its_results_match_the_cli(
     tenant_usage = env.cli("usage", "--tenant", "acme", "--json")
     assert json.loads(tenant_usage.stdout)["total_tokens"] == usage["total_tokens"]
     assert env.cli("usage", "--tenant", "nobody").returncode == 2
+    assert_no_secret(made.text, waited.text, answer.text, json.dumps(usage), api_server.log())
 
 
 def test_jobs_are_scoped_to_their_tenant_and_admins_see_all(
@@ -108,8 +113,9 @@ def test_jobs_are_scoped_to_their_tenant_and_admins_see_all(
         cancelled = admin.post(f"/v1/jobs/{mine['id']}/cancel")
         assert cancelled.status_code == 200
         assert cancelled.json()["status"] == "cancelled"
-        assert admin.get("/v1/jobs", params={"status": "cancelled"}).json()["data"][0]["id"] == (
-            mine["id"]
+        assert (
+            admin.get("/v1/jobs", params={"status": "cancelled"}).json()["data"][0]["id"]
+            == (mine["id"])
         )
 
 
@@ -180,7 +186,9 @@ def test_each_bad_input_answers_its_line_and_field_and_stores_nothing(
             )
             assert answer.status_code == status, (params, body, answer.text)
             error = answer.json()["error"]
-            assert error["type"] == ("invalid_request" if status == 400 else "unsupported_media_type")
+            assert error["type"] == (
+                "invalid_request" if status == 400 else "unsupported_media_type"
+            )
             assert error["message"]
             if status == 400:
                 assert (error["line"], error["field"]) == (line, field), (body, error)
@@ -191,7 +199,7 @@ def test_each_bad_input_answers_its_line_and_field_and_stores_nothing(
 def test_a_large_corpus_streams_in_and_its_results_stream_out(api_server: ApiServer) -> None:
     documents = 200_000
 
-    def body() -> object:
+    def body() -> Iterator[bytes]:
         for start in range(0, documents, 10_000):
             yield "".join(
                 json.dumps({"text": f"document {i} of the corpus, word {i * 7919 % 10007}"}) + "\n"
@@ -236,3 +244,71 @@ def test_wait_holds_the_answer_until_the_job_ends_or_the_time_is_up(
         ended = client.get(f"/v1/jobs/{job['id']}", params={"wait": 60})
     assert ended.json()["status"] == "completed"
     assert time.monotonic() - started < 50
+
+
+def test_a_body_cut_short_by_the_client_stores_nothing(api_server: ApiServer) -> None:
+    host, port = api_server.base_url.removeprefix("http://").split(":")
+    lines = ndjson(make_requests(50))
+    head = (
+        "POST /v1/jobs HTTP/1.1\r\nHost: api\r\n"
+        f"Authorization: Bearer {api_server.tokens['acme']}\r\n"
+        f"Content-Type: application/x-ndjson\r\nContent-Length: {len(lines) * 10}\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(head.encode() + lines)
+    wait_for(lambda: "action=upload_incomplete" in api_server.log(), 30, "the API to see the cut")
+    assert row_counts() == (0, 0, 0)
+    with api_server.client("acme") as client:
+        assert client.get("/v1/jobs").json() == {"data": []}
+
+
+def test_several_api_processes_serve_one_database(
+    api_server: ApiServer, start_api: Callable[..., ApiServer]
+) -> None:
+    second = start_api(api_server.env, workers=2, drop=("RERANK_API_KEYS",))
+    second.tokens = api_server.tokens
+    with api_server.client("acme") as one, second.client("acme") as other:
+        made = one.post("/v1/jobs", content=ndjson(make_requests(2)), headers=NDJSON).json()
+        for _ in range(6):
+            assert other.get(f"/v1/jobs/{made['id']}").json()["id"] == made["id"]
+    assert second.log().count("Started server process") == 2
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_one_key_sent_twice_at_once_makes_one_job(api_server: ApiServer) -> None:
+    """The second submit waits on the first's row for the key, then answers its job."""
+    release = threading.Event()
+    lines = ndjson(make_requests(4)).splitlines(keepends=True)
+
+    def slow_body() -> Iterator[bytes]:
+        yield lines[0]
+        release.wait(60)
+        yield from lines[1:]
+
+    answers: dict[str, httpx.Response] = {}
+    headers = {**NDJSON, "Idempotency-Key": "at-once"}
+
+    def post(name: str, body: object) -> None:
+        with api_server.client("acme") as client:
+            answers[name] = client.post("/v1/jobs", content=body, headers=headers)  # type: ignore[arg-type]
+
+    first = threading.Thread(target=post, args=("first", slow_body()))
+    first.start()
+    wait_for(lambda: _sessions("state = 'idle in transaction'"), 30, "the first job's row")
+    second = threading.Thread(target=post, args=("second", b"".join(lines)))
+    second.start()
+    wait_for(lambda: _sessions("wait_event_type = 'Lock'"), 30, "the second to wait on the key")
+    release.set()
+    first.join(60)
+    second.join(60)
+    assert answers["first"].status_code == 201, answers["first"].text
+    assert answers["second"].status_code == 200, answers["second"].text
+    assert answers["second"].json()["id"] == answers["first"].json()["id"]
+    assert row_counts()[:2] == (1, 4)
+
+
+def _sessions(where: str) -> int:
+    """PostgreSQL sessions on the test's database in that state."""
+    query = f"SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND {where}"
+    with get_sessionmaker(get_settings().sqlalchemy_url())() as session:
+        return int(session.scalar(text(query)) or 0)

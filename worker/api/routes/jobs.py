@@ -44,6 +44,26 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": schemas.ErrorResponse, "description": "No such job for this token"},
 }
 
+_DOCUMENT = {
+    "oneOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+        {"type": "object", "properties": {"image": {"type": "string"}}, "required": ["image"]},
+    ]
+}
+_REQUEST = {
+    "type": "object",
+    "properties": {
+        "custom_id": {"type": "string", "minLength": 1, "maxLength": 200},
+        "query": {"type": "string", "minLength": 1},
+        "documents": {"type": "array", "items": _DOCUMENT, "minItems": 1},
+        "top_n": {"type": "integer", "minimum": 1},
+        "model": {"type": "string", "minLength": 1},
+        "return_documents": {"type": "boolean"},
+    },
+    "required": ["query", "documents"],
+    "additionalProperties": False,
+}
 _REQUEST_BODY = {
     "required": True,
     "content": {
@@ -55,14 +75,15 @@ _REQUEST_BODY = {
             "schema": {
                 "type": "object",
                 "properties": {
-                    "requests": {"type": "array", "items": {"type": "object"}},
-                    "documents": {"type": "array", "items": {}},
+                    "requests": {"type": "array", "items": _REQUEST, "minItems": 1},
+                    "documents": {"type": "array", "items": _DOCUMENT, "minItems": 1},
                 },
             },
         },
     },
     "description": "A requests file (JSON Lines), or a corpus file when `query` is given; "
-    'or application/json {"requests": [...]} ({"documents": [...]} with `query`).',
+    'or application/json {"requests": [...]} ({"documents": [...]} with `query`). A bad line '
+    "answers 400 naming it (for JSON, line N is the list's N-th item).",
 }
 
 
@@ -98,7 +119,13 @@ async def create_job(
     settings: SettingsDep,
     params: Annotated[schemas.JobParameters, Query()],
     idempotency_key: Annotated[
-        str | None, Header(min_length=1, max_length=200, description="Answers the same job")
+        str | None,
+        Header(
+            min_length=1,
+            max_length=200,
+            pattern=schemas.NO_NUL,
+            description="A repeated key answers the job it made (200) instead of a new one",
+        ),
     ] = None,
 ) -> Response:
     """Validate the whole body, store the job and enqueue it (`rerank-worker submit`)."""
