@@ -41,20 +41,20 @@ FAILURE_STATUS = {
 RATE_LIMITED_RETRY_AFTER_S = 1
 JOB_HEADER = "Rerank-Job-Id"
 
+# Not blank: at least one character that is not white space (submit refuses blank text).
+NOT_BLANK = {"type": "string", "pattern": r"\S"}
 DOCUMENT_SCHEMA = {
     "anyOf": [
-        {"type": "string", "minLength": 1},
+        NOT_BLANK,
         {
             "type": "object",
-            "properties": {"text": {"type": "string", "minLength": 1}},
+            "properties": {"text": NOT_BLANK},
             "required": ["text"],
             "additionalProperties": False,
         },
         {
             "type": "object",
-            "properties": {
-                "image": {"type": "string", "minLength": 1, "description": "a URL or base64"}
-            },
+            "properties": {"image": {**NOT_BLANK, "description": "a URL or base64"}},
             "required": ["image"],
             "additionalProperties": False,
         },
@@ -69,8 +69,10 @@ class JinaRerankRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = Field(None, description="default: RERANK_DEFAULT_MODEL")
-    query: str
+    model: str | None = Field(
+        None, description="default: RERANK_DEFAULT_MODEL", json_schema_extra={"pattern": r"\S"}
+    )
+    query: str = Field(json_schema_extra=NOT_BLANK)
     documents: list[JinaDocument] = Field(min_length=1)
     top_n: int | None = Field(None, ge=1)
     return_documents: bool = Field(True, description="Jina's default: true")
@@ -98,9 +100,11 @@ class CohereRerankRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = Field(None, description="default: RERANK_DEFAULT_MODEL")
-    query: str
-    documents: list[str] = Field(min_length=1)
+    model: str | None = Field(
+        None, description="default: RERANK_DEFAULT_MODEL", json_schema_extra={"pattern": r"\S"}
+    )
+    query: str = Field(json_schema_extra=NOT_BLANK)
+    documents: list[Annotated[str, WithJsonSchema(NOT_BLANK)]] = Field(min_length=1)
     top_n: int | None = Field(None, ge=1)
     max_tokens_per_doc: int | None = Field(None, description="accepted, ignored")
 
