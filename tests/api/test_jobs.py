@@ -196,7 +196,7 @@ def test_each_bad_input_answers_its_line_and_field_and_stores_nothing(
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-def test_a_large_corpus_streams_in_and_its_results_stream_out(api_server: ApiServer) -> None:
+def test_a_large_corpus_streams_in_and_results_stream_out(api_server: ApiServer) -> None:
     documents = 200_000
 
     def body() -> Iterator[bytes]:
@@ -206,18 +206,27 @@ def test_a_large_corpus_streams_in_and_its_results_stream_out(api_server: ApiSer
                 for i in range(start, start + 10_000)
             ).encode()
 
+    many = [
+        {"custom_id": f"m-{i}", "query": f"q {i}", "documents": [f"d {i}"]} for i in range(20_000)
+    ]
     with api_server.client("acme") as client:
         made = client.post(
             "/v1/jobs", content=body(), headers=NDJSON, params={"query": "word 17", "top_n": 5}
         )
         assert made.status_code == 201, made.text
         assert made.json()["total_requests"] == 1
-        with client.stream("GET", f"/v1/jobs/{made.json()['id']}/results") as answer:
+        assert row_counts() == (1, 1, documents)
+        big = client.post("/v1/jobs", content=ndjson(many), headers=NDJSON).json()
+        with client.stream("GET", f"/v1/jobs/{big['id']}/results") as answer:
             assert answer.status_code == 200
-            streamed = b"".join(answer.iter_bytes())
-    assert row_counts() == (1, 1, documents)
-    (line,) = streamed.splitlines()
-    assert json.loads(line)["custom_id"] == "corpus"
+            assert "content-length" not in answer.headers
+            assert answer.headers["transfer-encoding"] == "chunked"
+            pieces = list(answer.iter_raw())
+    streamed = b"".join(pieces)
+    assert len(pieces) > 1
+    assert streamed.count(b"\n") == len(many)
+    cli = api_server.env.cli("results", big["id"])
+    assert streamed == cli.stdout.encode()
     peak_kb = _peak_rss_kb(api_server.process.pid)
     assert peak_kb < 300 * 1024, f"API peak RSS {peak_kb} kB"
 
@@ -312,3 +321,21 @@ def _sessions(where: str) -> int:
     query = f"SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND {where}"
     with get_sessionmaker(get_settings().sqlalchemy_url())() as session:
         return int(session.scalar(text(query)) or 0)
+
+
+def test_a_large_body_refused_for_a_parameter_still_gets_its_answer(
+    api_server: ApiServer,
+) -> None:
+    """Refused before its first line was read: the server reads and drops the rest, or the
+    client, still sending, would see a connection reset instead of its 400."""
+    line = json.dumps({"query": "q", "documents": ["x" * 1000] * 30}).encode() + b"\n"
+    body = line * 1000  # 30 MB: more than the socket buffers hold before the answer
+    with api_server.client("acme") as client:
+        for params, headers in [
+            ({"top_n": "0"}, NDJSON),
+            ({"priority": "bulk", "query": " "}, NDJSON),
+            ({}, {"Content-Type": "text/csv"}),
+        ]:
+            answer = client.post("/v1/jobs", content=body, params=params, headers=headers)
+            assert answer.status_code in (400, 415), answer.text
+    assert row_counts() == (0, 0, 0)

@@ -19,14 +19,16 @@ from worker.api.deps import CallerDep, ScopeDep, SettingsDep
 from worker.api.errors import error_response
 from worker.db.models import JOB_ENDED
 from worker.service import control, read
+from worker.service.scope import Scope
 from worker.service.submit import JobOptions
 from worker.service.usage import usage_report
+from worker.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
 MAX_WAIT_S = 60.0
 WAIT_POLL_S = 0.2
-WAIT_POLL_MAX_S = 2.0
+WAIT_POLL_MAX_S = 1.0
 NDJSON = "application/x-ndjson"
 # Content types taken as JSON Lines; an absent one is too (curl --data-binary sends none
 # that fits, and the body tells).
@@ -181,15 +183,15 @@ async def get_job(
     return await run_in_threadpool(read.job_status, job_id, settings, scope)
 
 
-async def _wait_until_ended(job_id: str, scope: Any, settings: Any, wait_s: float) -> None:
+async def _wait_until_ended(job_id: str, scope: Scope, settings: Settings, wait_s: float) -> None:
     """Poll the job's status in SQL, more slowly as the wait goes on: any API process
     answers, whichever worker ends the job."""
     deadline = time.monotonic() + wait_s
     interval_s = WAIT_POLL_S
     while True:
-        progress = await run_in_threadpool(read.job_progress, job_id, settings, scope)
+        status = await run_in_threadpool(read.job_state, job_id, settings, scope)
         left_s = deadline - time.monotonic()
-        if progress["status"] in JOB_ENDED or left_s <= 0:
+        if status in JOB_ENDED or left_s <= 0:
             return
         await anyio.sleep(min(interval_s, left_s))
         interval_s = min(WAIT_POLL_MAX_S, interval_s * 1.5)
