@@ -42,7 +42,7 @@ RATE_LIMITED_RETRY_AFTER_S = 1
 JOB_HEADER = "Rerank-Job-Id"
 
 # Not blank: at least one character that is not white space (submit refuses blank text).
-NOT_BLANK = {"type": "string", "pattern": r"\S"}
+NOT_BLANK: dict[str, Any] = {"type": "string", "pattern": r"\S"}
 DOCUMENT_SCHEMA = {
     "anyOf": [
         NOT_BLANK,
