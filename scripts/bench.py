@@ -46,7 +46,7 @@ from sqlalchemy import func, select
 
 from worker import constants, embedded
 from worker.db.base import utcnow
-from worker.db.models import Job, UpstreamCall
+from worker.db.models import Job, Request, UpstreamCall
 from worker.db.session import get_sessionmaker
 from worker.settings import Settings, get_settings
 from worker.standin.scoring import rank
@@ -720,6 +720,187 @@ def bench_interactive(bulk_requests: int, samples: int, docs: int) -> list[Row]:
     return [Row("interactive under bulk load", figures)]
 
 
+SYNC_DOCUMENTS = 10
+SYNC_WARMUP = 10
+
+
+@dataclass
+class SyncSample:
+    job_id: str
+    sent_at: dt.datetime
+    total_ms: float
+    server_ms: dict[str, float]
+
+
+def sync_body() -> dict[str, Any]:
+    """A fresh query each time, so no answer can come from the score cache."""
+    tag = uuid.uuid4().hex
+    return {
+        "query": f"sync {tag}",
+        "documents": [f"sync doc {j} {tag}" for j in range(SYNC_DOCUMENTS)],
+        "return_documents": False,
+    }
+
+
+def server_timing(header: str) -> dict[str, float]:
+    timings = {}
+    for part in header.split(","):
+        name, _, duration = part.strip().partition(";dur=")
+        timings[name] = float(duration)
+    return timings
+
+
+def sync_calls(client: httpx.Client, samples: int) -> list[SyncSample]:
+    """Sequential POST /v1/rerank calls, each timed by the client from send to answer."""
+    made = []
+    for _ in range(samples):
+        body = sync_body()
+        sent_at, started = utcnow(), time.perf_counter()
+        answer = client.post("/v1/rerank", json=body)
+        total_ms = (time.perf_counter() - started) * 1000
+        if answer.status_code != 200 or len(answer.json()["results"]) != SYNC_DOCUMENTS:
+            raise RuntimeError(f"sync rerank answered {answer.status_code}: {answer.text[:300]}")
+        timing = server_timing(answer.headers["server-timing"])
+        made.append(SyncSample(answer.headers["rerank-job-id"], sent_at, total_ms, timing))
+    return made
+
+
+def sync_stages(settings: Settings, samples: list[SyncSample]) -> list[dict[str, float]]:
+    """Each sample's time split at what SQL saw (wall clocks of one host): until its job row,
+    to the worker's claim, to the start of its call, the call, to the recorded outcome, and
+    from there to the answer (the end-of-job notice, the read, the HTTP answer)."""
+    from worker.service.scope import sessions
+
+    by_job: dict[str, tuple[Any, ...]] = {}
+    with sessions(settings)() as session:
+        rows = session.execute(
+            select(
+                Job.id,
+                Job.created_at,
+                Job.started_at,
+                UpstreamCall.created_at,
+                UpstreamCall.latency_ms,
+                Request.finished_at,
+            )
+            .join(UpstreamCall, UpstreamCall.job_id == Job.id)
+            .join(Request, Request.job_id == Job.id)
+            .where(Job.id.in_([s.job_id for s in samples]))
+        )
+        by_job = {row[0]: tuple(row[1:]) for row in rows}
+
+    def ms(start: dt.datetime, end: dt.datetime) -> float:
+        return (end - start).total_seconds() * 1000
+
+    stages = []
+    for sample in samples:
+        created, claimed, call_start, call_ms, recorded = by_job[sample.job_id]
+        call_end = call_start + dt.timedelta(milliseconds=call_ms)
+        stages.append(
+            {
+                "row": ms(sample.sent_at, created),
+                "claim": ms(created, claimed),
+                "to_call": ms(claimed, call_start),
+                "call": call_ms,
+                "record": ms(call_end, recorded),
+                "answer": sample.total_ms - ms(sample.sent_at, recorded),
+                "added": sample.total_ms - call_ms,
+                **{f"server_{k}": v for k, v in sample.server_ms.items()},
+            }
+        )
+    return stages
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def sync_figures(
+    stages: list[dict[str, float]], samples: list[SyncSample], latency_ms: float, cpu_ms: str
+) -> dict[str, Any]:
+    added = [s["added"] for s in stages]
+    totals = [s.total_ms for s in samples]
+
+    def p50(name: str) -> str:
+        return f"{statistics.median(s[name] for s in stages):.1f}"
+
+    return {
+        "sync_added_ms": f"{statistics.median(added):.1f} / {percentile(added, 0.99):.1f}",
+        "sync_total_ms": (
+            f"{statistics.median(totals):.1f} / {percentile(totals, 0.99):.1f} "
+            f"(stand-in set to {latency_ms:.0f}, its calls took {p50('call')})"
+        ),
+        "sync_stages_ms": (
+            f"to row {p50('row')}, to claim {p50('claim')}, to call {p50('to_call')}, "
+            f"to record {p50('record')}, to answer {p50('answer')}; server: submit "
+            f"{p50('server_submit')}, wait {p50('server_wait')}, read {p50('server_read')}"
+        ),
+        "sync_cpu_ms": cpu_ms,
+    }
+
+
+def bench_sync(samples: int, bulk_requests: int, docs: int) -> list[Row]:
+    """Added latency of POST /v1/rerank over the upstream's own, idle and beside bulk.
+
+    One `rerank-worker worker` at default settings and one `rerank-worker api` process; a
+    client makes `samples` sequential calls of 10 documents (a fresh query each, so no
+    cache hit). Added latency is a call's time at the client minus its upstream call's own
+    latency as the worker measured it (SQL's `upstream_call.latency_ms`). Then a bulk job
+    of `bulk_requests` keeps every key slot busy, and the same calls are timed again.
+    """
+    latency_ms = LATENCY_MS
+    rows = []
+    with services(latency_ms) as svc:
+        env = svc.env()
+        settings = database_settings(env)
+        token = json.loads(cli(env, "tokens", "create", "bench", "--json").stdout)["token"]
+        path = svc.workdir / "bulk.jsonl"
+        write_requests(path, bulk_requests, docs)
+        with (
+            worker(env) as worker_process,
+            api_process(env) as (api, base_url),
+            httpx.Client(
+                base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=120
+            ) as client,
+        ):
+
+            def cpu() -> tuple[float, float]:
+                return cpu_s(api.pid), cpu_s(worker_process.pid)
+
+            def cpu_per_call(before: tuple[float, float]) -> str:
+                api_s, worker_s = (after - b for after, b in zip(cpu(), before, strict=True))
+                return f"API {1000 * api_s / samples:.1f}, worker {1000 * worker_s / samples:.1f}"
+
+            sync_calls(client, SYNC_WARMUP)
+            cpu_before = cpu()
+            idle = sync_calls(client, samples)
+            cpu_ms = cpu_per_call(cpu_before)
+            figures = sync_figures(sync_stages(settings, idle), idle, latency_ms, cpu_ms)
+            rows.append(Row("sync rerank, workers idle", {"items": f"{samples} calls", **figures}))
+
+            bulk_id = cli(env, "submit", str(path)).stdout.strip().splitlines()[-1]
+            wait_saturated(svc)
+            ok_before, started = svc.stats()["total"]["ok"], time.monotonic()
+            loaded = sync_calls(client, samples)
+            window_s = time.monotonic() - started
+            bulk_calls = svc.stats()["total"]["ok"] - ok_before - samples
+            from worker.service.read import job_progress
+
+            if job_progress(bulk_id, settings)["pending"] == 0:
+                raise RuntimeError(
+                    "the bulk job ended before the last sample: raise --bulk-requests"
+                )
+            figures = sync_figures(sync_stages(settings, loaded), loaded, latency_ms, "")
+            figures.update(rate_figures(bulk_calls, window_s, latency_ms))
+            rows.append(
+                Row(
+                    "sync rerank beside a bulk job",
+                    {"items": f"{samples} calls beside {bulk_requests} bulk", **figures},
+                )
+            )
+    return rows
+
+
 FAKE_RESULTS_SQL = """
     SELECT '[' || string_agg(
         '{"index":' || mod(i * 7 + k * 13, 100) || ',"relevance_score":'
@@ -1018,6 +1199,10 @@ COLUMNS = {
     "worker_rss_mb": "worker RSS MB start/mid/end/max",
     "mean_calls_in_flight": "calls in flight",
     "succeeded": "succeeded",
+    "sync_added_ms": "sync added ms p50 / p99",
+    "sync_total_ms": "sync ms p50 / p99 at the client",
+    "sync_stages_ms": "sync ms p50 by stage",
+    "sync_cpu_ms": "CPU ms per sync call",
     "percent_of_cli": "% of CLI docs/s",
     "calls_span_s": "first call to last s",
     "limits": "key limits",
@@ -1033,6 +1218,7 @@ TARGETS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "export": lambda a: bench_export([int(n) for n in a.export_lines.split(",")]),
     "cache": lambda a: bench_cache(a.cache_docs, a.cache_edit_every),
     "interactive": lambda a: bench_interactive(a.bulk_requests, a.samples, a.docs),
+    "sync": lambda a: bench_sync(a.sync_samples, a.sync_bulk_requests, a.docs),
     "upload": lambda a: bench_upload(a.corpus_docs),
     "limits": lambda a: bench_limits(a.limits_rpm, a.limits_calls, a.limits_window_s, a.docs),
 }
@@ -1066,6 +1252,10 @@ def main() -> None:
     parser.add_argument("--export-lines", default="100000,1000000", help="export: job sizes")
     parser.add_argument("--bulk-requests", type=int, default=6000, help="interactive: bulk")
     parser.add_argument("--samples", type=int, default=10, help="interactive: jobs timed")
+    parser.add_argument("--sync-samples", type=int, default=200, help="sync: calls timed")
+    parser.add_argument(
+        "--sync-bulk-requests", type=int, default=16_000, help="sync: bulk job beside the calls"
+    )
     parser.add_argument("--cache-docs", type=int, default=100_000, help="cache: corpus size")
     parser.add_argument(
         "--cache-edit-every", type=int, default=100, help="cache: revise 1 in N documents"

@@ -95,11 +95,20 @@ TOKEN_RATIO_KEY = REDIS_PREFIX + "token-ratio"
 DAILY_TOKENS_KEY = REDIS_PREFIX + "quota:day:{name}:{day}"
 MONTHLY_TOKENS_KEY = REDIS_PREFIX + "quota:month:{name}:{month}"
 SWEEPER_LOCK_KEY = REDIS_PREFIX + "sweeper-lock"
+# A list a worker pushes to once it has committed the end of an interactive job; whoever
+# waits for that job (a synchronous rerank) BLPOPs it. It outlives a late waiter briefly.
+JOB_ENDED_KEY = REDIS_PREFIX + "job-ended:{job_id}"
+JOB_ENDED_TTL_S = 120
 
 CANCEL_MARK_TTL_S = 7 * 24 * 3600
 # A job's budget hash (spent and reserved tokens and cost) outlives its last call by this.
 BUDGET_KEY = REDIS_PREFIX + "budget:{job_id}"
 BUDGET_TTL_S = 7 * 24 * 3600
+
+# A synchronous rerank waits this long for its job, by default; between two looks at the
+# completion list it reads the job's status in SQL once, in case a notice was lost.
+DEFAULT_SYNC_TIMEOUT_S = 120.0
+SYNC_STATUS_CHECK_S = 1.0
 
 # Where `rerank-worker api` listens unless told otherwise.
 API_HOST = "127.0.0.1"

@@ -5,6 +5,8 @@ RerankError
 ├── InputError             a bad line in a requests file (carries line and field)
 ├── JobNotFound
 ├── JobNotFinished         retry asked of a job that is still queued or running
+├── RerankFailed           a synchronous rerank's request failed (carries its error type)
+│   └── RerankTimedOut     it did not end within its deadline
 ├── StorageError           a database failure, translated at the repository edge
 ├── BudgetExceeded         a job's token or cost cap leaves no room for another call
 └── UpstreamError          one upstream call failed (carries key NAME and status, never a secret)
@@ -111,3 +113,19 @@ class BudgetExceeded(RerankError):
 
 class Cancelled(RerankError):
     """The job was cancelled while a call waited for a slot."""
+
+
+class RerankFailed(RerankError):
+    """A synchronous rerank ended without a ranking; `kind` is the request's error type
+    (invalid_request, upstream_unavailable, no_usable_key, ...) as in its result line."""
+
+    def __init__(self, kind: str, message: str, *, job_id: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.job_id = job_id
+
+
+class RerankTimedOut(RerankFailed):
+    def __init__(self, message: str, *, job_id: str) -> None:
+        super().__init__("timeout", message, job_id=job_id)

@@ -24,13 +24,15 @@ import threading
 import time
 from collections.abc import Callable
 
+import redis
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from worker import broker, constants
+from worker import broker, completion, constants
 from worker.db import repository
 from worker.db.session import in_transaction
 from worker.domain import RequestOutcome, RequestWork
+from worker.redis_clients import redis_url, sync_redis
 from worker.runtime import Engine
 from worker.service import ending
 from worker.settings import Settings
@@ -38,12 +40,18 @@ from worker.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def record(session: Session, outcomes: list[RequestOutcome], jobs_still_running: set[str]) -> None:
-    """Write the outcomes; complete the jobs that may have just ended. A job with another
-    request still running in this process has not, and its last outcome checks again."""
+def record(
+    session: Session, outcomes: list[RequestOutcome], jobs_still_running: set[str]
+) -> set[str]:
+    """Write the outcomes; complete the jobs that may have just ended, and return those that
+    did. A job with another request still running in this process has not, and its last
+    outcome checks again."""
     repository.record_outcomes(session, outcomes)
-    for job_id in {o.job_id for o in outcomes} - jobs_still_running:
-        ending.complete_job_if_done(session, job_id)
+    return {
+        job_id
+        for job_id in {o.job_id for o in outcomes} - jobs_still_running
+        if ending.complete_job_if_done(session, job_id)
+    }
 
 
 class Pipeline:
@@ -58,6 +66,7 @@ class Pipeline:
     ) -> None:
         self._engine = engine
         self._url = settings.sqlalchemy_url()
+        self._settings = settings
         self._lease_s = settings.request_lease_s
         self._max_backlog = max_backlog
         # Each outcome with whether it closes its batch at once (an interactive request's).
@@ -142,19 +151,30 @@ class Pipeline:
                     write = functools.partial(
                         record, outcomes=batch, jobs_still_running=self._jobs_beside(batch)
                     )
-                    in_transaction(self._url, write)
+                    ended = in_transaction(self._url, write)
                 except SQLAlchemyError:
                     # The database is away longer than the retries: keep them, try again.
                     log.exception("action=record_failed requests=%d", len(batch))
                     carried = batch
                 else:
+                    interactive: set[str] = set()
                     with self._room:
                         for outcome in batch:
-                            self._running.pop(outcome.request_id, None)
+                            work = self._running.pop(outcome.request_id, None)
+                            if work is not None and work.priority == constants.QUEUE_INTERACTIVE:
+                                interactive.add(work.job_id)
                         self._room.notify_all()
+                    if ended and interactive:
+                        # A synchronous caller waits for these: tell it now they are in SQL.
+                        completion.announce_ended(self._notices, ended & interactive)
             if time.monotonic() - renewed_at > self._lease_s / 3:
                 renewed_at = time.monotonic()
                 self._renew_leases()
+
+    @functools.cached_property
+    def _notices(self) -> redis.Redis:
+        """The Redis client for end-of-job notices; made on first use (interactive jobs only)."""
+        return sync_redis(redis_url(self._settings))
 
     def _jobs_beside(self, batch: list[RequestOutcome]) -> set[str]:
         """The jobs of this process's running requests other than the batch's."""

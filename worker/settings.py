@@ -184,6 +184,9 @@ class Settings(BaseSettings):
     webhook_lease_s: float = Field(constants.WEBHOOK_LEASE_S, gt=0)
     webhook_poll_interval_s: float = Field(constants.WEBHOOK_POLL_INTERVAL_S, gt=0)
 
+    # How long a synchronous rerank (POST /v1/rerank) waits for its job before it answers 504.
+    sync_timeout_s: float = Field(constants.DEFAULT_SYNC_TIMEOUT_S, gt=0)
+
     @field_validator("api_base")
     @classmethod
     def _strip_slash(cls, value: str) -> str:

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 EXAMPLES_PER_OPERATION = 40
+NOT_SCHEMA_ONLY = {"/v1/jobs", "/v1/rerank", "/jina/v1/rerank", "/v2/rerank"}
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
@@ -31,11 +32,16 @@ def test_the_api_answers_as_its_openapi_document_says(api_server: ApiServer) -> 
         "GET /v1/jobs/{job_id}/results",
         "GET /v1/usage",
         "GET /healthz",
+        "POST /v1/rerank",
+        "POST /v2/rerank",
     }
+    # A synchronous rerank is answered by a worker: without one, a valid case would wait.
+    api_server.env.start_worker(concurrency=4)
     for operation in operations:
         # A body that matches the document's schema may still be a bad requests file (a
         # JSON Lines body is any string), so "valid data is accepted" cannot hold there.
-        excluded = [positive_data_acceptance] if operation.path == "/v1/jobs" else []
+        # Nor on a rerank: the upstream decides which models and documents it takes.
+        excluded = [positive_data_acceptance] if operation.path in NOT_SCHEMA_ONLY else []
         fuzz(operation, headers, excluded)
 
 

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from worker.api import errors
-from worker.api.routes import health, jobs
+from worker.api.routes import health, jobs, rerank
 from worker.settings import Settings, get_settings
 
 DESCRIPTION = """Hand rerank jobs to rerank-worker over HTTP, read their results and usage.
@@ -32,6 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(rerank.router)
     app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
     return app
 

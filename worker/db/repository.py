@@ -1268,3 +1268,47 @@ def attempts_of_notifications(
         .where(NotificationAttempt.notification_id.in_(ids))
         .order_by(NotificationAttempt.notification_id, NotificationAttempt.attempt)
     ).all()
+
+
+@dataclass(frozen=True)
+class OneRequestOutcome:
+    """What a one-request job (a synchronous rerank) ended with."""
+
+    job_status: str
+    status: str
+    model: str
+    results_json: str | None
+    total_tokens: int
+    error_type: str | None
+    error_message: str | None
+    billed_calls: int
+
+
+def one_request_outcome(session: Session, job_id: str) -> OneRequestOutcome | None:
+    """The job's first request with its job's status and billed calls, in one statement."""
+    billed = (
+        select(func.count())
+        .where(UpstreamCall.job_id == job_id, UpstreamCall.outcome == "ok")
+        .scalar_subquery()
+    )
+    row = session.execute(
+        select(
+            Job.status,
+            Request.status,
+            Request.model,
+            Request.results_json,
+            Request.total_tokens,
+            Request.error_type,
+            Request.error_message,
+            billed,
+        )
+        .join(Job, Job.id == Request.job_id)
+        .where(Request.job_id == job_id)
+        .order_by(Request.position)
+        .limit(1)
+    ).one_or_none()
+    return OneRequestOutcome(*row) if row is not None else None
+
+
+def job_status_of(session: Session, job_id: str) -> str | None:
+    return session.scalar(select(Job.status).where(Job.id == job_id))
