@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,7 +154,11 @@ class Env:
         )
 
     def start_worker(
-        self, concurrency: int = 6, name: str | None = None, processes: int = 1
+        self,
+        concurrency: int = 6,
+        name: str | None = None,
+        processes: int = 1,
+        extra_args: Sequence[str] = (),
     ) -> subprocess.Popen[bytes]:
         """A real `rerank-worker worker` in its own process group; returns once it (each of
         its processes) is ready."""
@@ -165,7 +169,8 @@ class Env:
         with log_path.open("wb") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "worker", "worker", "--concurrency", str(concurrency),
-                 "--hostname", f"{name}@%h", "--loglevel", "INFO", "--processes", str(processes)],
+                 "--hostname", f"{name}@%h", "--loglevel", "INFO", "--processes", str(processes),
+                 *extra_args],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

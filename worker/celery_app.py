@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from celery import Celery
+import logging
+from typing import Any
+
+from celery import Celery, signals
 from kombu.entity import Queue
 
-from worker import constants, embedded
+from worker import constants, embedded, logs
 from worker.redis_clients import redis_url
 from worker.settings import get_settings
 
@@ -36,3 +39,12 @@ def create_app() -> Celery:
 
 
 app = create_app()
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _log_format(logger: logging.Logger, **_: Any) -> None:
+    """RERANK_LOG_FORMAT=json: Celery's handlers write one JSON object per line."""
+    settings = get_settings()
+    if settings.log_format == "json":
+        logs.use_format(logger, "json", settings.secrets())

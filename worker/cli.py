@@ -101,6 +101,17 @@ def worker(
             f"{constants.SLOTS_PER_PROCESS} slots, at most one per CPU core.",
         ),
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=0,
+            help="Serve Prometheus metrics of all this worker's processes at /metrics.",
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option("--metrics-host", help="Address the metrics server listens on.")
+    ] = "127.0.0.1",
 ) -> None:
     """Run a Celery worker (same as `celery -A worker.celery_app worker`)."""
     with _errors():
@@ -109,11 +120,24 @@ def worker(
         from worker import processes as worker_processes
 
         count = processes or worker_processes.default_processes(settings)
-        if count > 1:
-            passed = [f"--queues={queues}", f"--loglevel={loglevel or settings.log_level}"]
+        level = loglevel or settings.log_level
+        if count > 1 or metrics_port is not None:
+            passed = [f"--queues={queues}", f"--loglevel={level}"]
             if concurrency:
                 passed.append(f"--concurrency={concurrency}")
-            raise typer.Exit(worker_processes.run(count, settings, hostname, passed))
+            if metrics_port is None:
+                raise typer.Exit(worker_processes.run(count, settings, hostname, passed))
+            raise typer.Exit(
+                worker_processes.run_with_metrics(
+                    count,
+                    settings,
+                    hostname,
+                    passed,
+                    host=metrics_host,
+                    port=metrics_port,
+                    log_level=level,
+                )
+            )
         from worker.celery_app import app as celery_app
 
         argv = [
@@ -121,10 +145,12 @@ def worker(
             "--pool=threads",
             f"--concurrency={concurrency or settings.default_worker_concurrency()}",
             f"--queues={queues}",
-            f"--loglevel={loglevel or settings.log_level}",
+            f"--loglevel={level}",
             "--without-gossip",
             "--without-mingle",
         ]
+        if settings.log_format == "json":
+            argv.append("--quiet")  # the banner is plain text on stdout
         if hostname:
             argv.append(f"--hostname={hostname}")
         celery_app.worker_main(argv)

@@ -26,7 +26,7 @@ import redis
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from worker import constants
+from worker import constants, metrics
 from worker.db import repository
 from worker.db.session import in_transaction
 from worker.domain import RequestOutcome, RequestWork
@@ -147,6 +147,10 @@ class Pipeline:
                     log.exception("action=record_failed requests=%d", len(batch))
                     carried = batch
                 else:
+                    for outcome in batch:
+                        metrics.count_finished(
+                            outcome.status, outcome.cache_hits, outcome.tokens_saved
+                        )
                     with self._room:
                         for outcome in batch:
                             self._running.pop(outcome.request_id, None)

@@ -11,7 +11,7 @@ import redis
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from worker import constants
+from worker import constants, metrics
 from worker.db import repository
 from worker.db.base import utcnow
 from worker.db.session import in_transaction
@@ -33,15 +33,20 @@ def sweep_once(settings: Settings) -> int:
     stale_before = now - dt.timedelta(seconds=settings.dispatch_stale_s)
     client = sync_redis(redis_url(settings))
 
-    def find(session: Session) -> list[tuple[int, str]]:
+    def find(session: Session) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
         expired = repository.requeue_expired(session, now)
         queues_empty = all(client.llen(q) == 0 for q in constants.PRIORITIES)
         stale = repository.stale_queued(session, stale_before) if queues_empty else []
         for job_id in repository.unfinished_job_ids(session):
             repository.complete_job_if_done(session, job_id)
-        return expired + stale
+        return expired, stale
 
-    found = in_transaction(settings.sqlalchemy_url(), find)
+    expired, stale = in_transaction(settings.sqlalchemy_url(), find)
+    if expired:
+        metrics.SWEEPER_REQUEUED.labels("expired_lease").inc(len(expired))
+    if stale:
+        metrics.SWEEPER_REQUEUED.labels("lost_message").inc(len(stale))
+    found = expired + stale
     by_priority: dict[str, list[int]] = {}
     for request_id, priority in found:
         by_priority.setdefault(priority, []).append(request_id)

@@ -211,12 +211,12 @@ class RerankClient:
                     await response.aclose()
                     raise
         except (TimeoutError, httpx.TimeoutException) as exc:
-            raise errors.RetryableError(
+            raise errors.UpstreamTimeout(
                 f"upstream timed out after {self.timeout_s:g}s on key '{key.name}'",
                 key_name=key.name,
             ) from exc
         except httpx.RequestError as exc:
-            raise errors.RetryableError(
+            raise errors.ConnectionFailed(
                 f"upstream connection failed on key '{key.name}': {type(exc).__name__}",
                 key_name=key.name,
             ) from exc
