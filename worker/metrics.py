@@ -106,6 +106,7 @@ KEY_TPM_LIMIT = Gauge(
 
 # labels() takes a lock and checks its arguments on every call; the hot path asks a dict.
 _call_children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+_finished_children: dict[str, Any] = {}
 
 
 def call_status(status_code: int | None, transport_error: str | None) -> str:
@@ -133,7 +134,10 @@ def count_call(key: str, model: str, status: str, duration_s: float, tokens: int
 
 def count_finished(status: str, cache_hits: int, tokens_saved: int) -> None:
     """One request finished by a worker."""
-    REQUESTS_FINISHED.labels(status).inc()
+    finished = _finished_children.get(status)
+    if finished is None:
+        finished = _finished_children[status] = REQUESTS_FINISHED.labels(status)
+    finished.inc()
     if cache_hits:
         CACHE_HITS.inc(cache_hits)
         CACHE_TOKENS_SAVED.inc(tokens_saved)
