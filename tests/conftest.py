@@ -1,4 +1,5 @@
-"""Fixtures that own real services: Redis, PostgreSQL or SQLite, the stand-in API, workers.
+"""Fixtures that own real services: Redis, PostgreSQL or SQLite, the stand-in API, workers,
+the HTTP API.
 
 PostgreSQL and Redis are the machine's own (started by .ci/run); each test gets a fresh
 database and a flushed Redis database index of its own.
@@ -10,6 +11,7 @@ import contextlib
 import itertools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,10 +20,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 import redis
 
+from worker import tenants
 from worker.db import migrate
 from worker.settings import get_settings
 from worker.standin import StandinConfig, ThreadedStandin, run_in_thread
@@ -241,3 +245,96 @@ def make_env(
     for env in made:
         env.stop_workers()
     get_settings.cache_clear()
+
+
+# The HTTP API: a real `rerank-worker api` process on a free port (tests/api/ and others).
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ApiServer:
+    """A running API process; `tokens` maps tenant NAME -> token for those made here."""
+
+    base_url: str
+    env: Env
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    tokens: dict[str, str] = field(default_factory=dict)
+    webhook_secrets: dict[str, str] = field(default_factory=dict)
+
+    def create_token(self, name: str, *, admin: bool = False) -> str:
+        made = tenants.create_tenant(name, get_settings(), is_admin=admin)
+        self.tokens[name] = made.token
+        self.webhook_secrets[name] = made.webhook_secret
+        return made.token
+
+    def client(self, tenant: str | None = None, **kwargs: object) -> httpx.Client:
+        """An httpx client on the API, with the token of `tenant` (made here) if given."""
+        headers = {"Authorization": f"Bearer {self.tokens[tenant]}"} if tenant else {}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=60, **kwargs)  # type: ignore[arg-type]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def start_api(tmp_path: Path) -> Iterator[Callable[..., ApiServer]]:
+    """Start `rerank-worker api` processes on an Env; each is stopped at teardown."""
+    started: list[ApiServer] = []
+
+    def start(env: Env, *, workers: int = 1, drop: tuple[str, ...] = ()) -> ApiServer:
+        port = free_port()
+        log_path = tmp_path / f"api-{port}.log"
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("RERANK_")}
+        environ.update({k: v for k, v in env.values.items() if k not in drop})
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "worker", "api", "--host", "127.0.0.1",
+                 "--port", str(port), "--workers", str(workers)],
+                env=environ,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=env.tmp_path,
+                start_new_session=True,
+            )  # fmt: skip
+        server = ApiServer(f"http://127.0.0.1:{port}", env, process, log_path)
+        started.append(server)
+
+        def healthy() -> bool:
+            assert process.poll() is None, server.log()
+            with contextlib.suppress(httpx.TransportError):
+                return httpx.get(f"{server.base_url}/healthz", timeout=5).status_code == 200
+            return False
+
+        wait_for(healthy, 60, f"the API on port {port} to answer /healthz", every_s=0.1)
+        return server
+
+    yield start
+    for server in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.process.pid, signal.SIGTERM)
+        try:
+            server.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait(timeout=30)
+
+
+@pytest.fixture
+def api_server(
+    database_url: str, make_env: Callable[..., Env], start_api: Callable[..., ApiServer]
+) -> ApiServer:
+    """The API on the test's database (SQLite, then PostgreSQL), with tokens for an admin
+    and for the tenants `acme` and `globex`. It holds no upstream key."""
+    env = make_env(database_url)
+    server = start_api(env, drop=("RERANK_API_KEYS",))
+    server.create_token("admin", admin=True)
+    server.create_token("acme")
+    server.create_token("globex")
+    return server

@@ -28,6 +28,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+tokens_app = typer.Typer(help="Tenants of the HTTP API and their tokens.", no_args_is_help=True)
+app.add_typer(tokens_app, name="tokens")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
@@ -346,13 +348,22 @@ def results(
 @app.command()
 def usage(
     job: Annotated[str | None, typer.Option("--job")] = None,
+    tenant: Annotated[
+        str | None, typer.Option("--tenant", help="Only the jobs of this tenant (token NAME).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Tokens, upstream calls and cost, per key NAME and model."""
+    from worker import tenants
+    from worker.service.scope import OPERATOR, tenant_scope
     from worker.service.usage import usage_report
 
     with _errors():
-        report = usage_report(job, _settings())
+        settings = _settings()
+        scope = OPERATOR
+        if tenant is not None:
+            scope = tenant_scope(tenants.tenant_id_of(tenant, settings), is_admin=False)
+        report = usage_report(job, settings, scope)
     if as_json:
         _print_json(report)
         return
@@ -383,6 +394,87 @@ def cancel(job: str) -> None:
     with _errors():
         changed = cancel_job(job, _settings())
     out.print(f"job {job} cancelled" if changed else f"job {job} had already ended")
+
+
+@app.command()
+def api(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = constants.API_HOST,
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = constants.API_PORT,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="API processes.")] = 1,
+) -> None:
+    """Serve the HTTP API (OpenAPI at /openapi.json, docs at /docs). Holds no upstream key."""
+    import uvicorn
+
+    with _errors():
+        settings = _settings()
+        log_level = settings.log_level.lower()
+    uvicorn.run(
+        "worker.api.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
+        # The API sits behind whatever the operator puts in front; no Server header to aim at.
+        server_header=False,
+    )
+
+
+@tokens_app.command("create")
+def tokens_create(
+    name: Annotated[str, typer.Argument(help="The tenant: the service that will use it.")],
+    admin: Annotated[bool, typer.Option("--admin", help="Sees every tenant's jobs.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Make a tenant and its token; the token is shown this once, on the last line."""
+    from worker import tenants
+
+    with _errors():
+        made = tenants.create_tenant(name, _settings(), is_admin=admin)
+    if as_json:
+        _print_json({"name": made.name, "token": made.token, "webhook_secret": made.webhook_secret})
+        return
+    kind = "admin tenant" if made.is_admin else "tenant"
+    err.print(f"{kind} {made.name} created; its webhook secret: {made.webhook_secret}")
+    err.print("the token below is shown only now: keep it")
+    sys.stdout.write(made.token + "\n")
+
+
+@tokens_app.command("list")
+def tokens_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Tenants by name (never a token or its hash)."""
+    from worker import tenants
+
+    with _errors():
+        rows = tenants.list_tenants(_settings())
+    if as_json:
+        _print_json(
+            [
+                {
+                    "name": t.name,
+                    "admin": t.is_admin,
+                    "created_at": t.created_at.isoformat(),
+                    "revoked_at": t.revoked_at.isoformat() if t.revoked_at else None,
+                }
+                for t in rows
+            ]
+        )
+        return
+    table = Table("name", "admin", "created", "revoked")
+    for t in rows:
+        revoked = t.revoked_at.isoformat() if t.revoked_at else ""
+        table.add_row(t.name, "yes" if t.is_admin else "", t.created_at.isoformat(), revoked)
+    out.print(table)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(name: str) -> None:
+    """The tenant's token answers 401 from now on; its jobs stay."""
+    from worker import tenants
+
+    with _errors():
+        changed = tenants.revoke_tenant(name, _settings())
+    out.print(f"token of {name} revoked" if changed else f"token of {name} was already revoked")
 
 
 @app.command()

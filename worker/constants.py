@@ -67,3 +67,7 @@ INTERACTIVE_WAITERS_KEY = REDIS_PREFIX + "interactive-waiting"
 SWEEPER_LOCK_KEY = REDIS_PREFIX + "sweeper-lock"
 
 CANCEL_MARK_TTL_S = 7 * 24 * 3600
+
+# Where `rerank-worker api` listens unless told otherwise.
+API_HOST = "127.0.0.1"
+API_PORT = 8080

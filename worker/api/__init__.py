@@ -1,0 +1,1 @@
+"""The HTTP API: a thin door onto worker.service, as the CLI is."""

@@ -1,0 +1,31 @@
+"""The app factory: settings, error handlers and routers; nothing else lives here."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from worker.api import errors
+from worker.api.routes import health, jobs
+from worker.settings import Settings, get_settings
+
+DESCRIPTION = """Hand rerank jobs to rerank-worker over HTTP, read their results and usage.
+
+Every endpoint but `/healthz` and `/openapi.json` needs `Authorization: Bearer TOKEN`, a
+token from `rerank-worker tokens create NAME`. A job belongs to the tenant that submitted it.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API on these settings (by default the RERANK_* environment's). It holds no
+    upstream key: only workers call the upstream."""
+    app = FastAPI(
+        title="rerank-worker",
+        description=DESCRIPTION,
+        version="1",
+        separate_input_output_schemas=False,
+    )
+    app.state.settings = settings or get_settings()
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    return app
