@@ -48,3 +48,4 @@ def _log_format(logger: logging.Logger, **_: Any) -> None:
     settings = get_settings()
     if settings.log_format == "json":
         logs.use_format(logger, "json", settings.secrets())
+        logging.captureWarnings(True)  # Python's warnings are log lines too, not plain text

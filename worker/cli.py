@@ -152,7 +152,11 @@ def worker(
             "--without-mingle",
         ]
         if settings.log_format == "json":
-            argv.append("--quiet")  # the banner is plain text on stdout
+            from worker import logs
+
+            argv.insert(0, "--quiet")  # celery's own option: no banner (plain text on stdout)
+            # Before Celery starts: its first warnings come before it sets logging up.
+            logs.configure("json", level, settings.secrets())
         if hostname:
             argv.append(f"--hostname={hostname}")
         celery_app.worker_main(argv)

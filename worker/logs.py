@@ -109,3 +109,4 @@ def configure(log_format: str, level: str, secrets: Iterable[str] = ()) -> None:
         root.addHandler(logging.StreamHandler(sys.stderr))
     root.setLevel(level.upper())
     use_format(root, log_format, secrets)
+    logging.captureWarnings(log_format == "json")

@@ -17,6 +17,7 @@ Counting is per upstream call or per finished request, never per document.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -37,7 +38,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from worker import constants
+from worker import keystate
 from worker.settings import ApiKey
 
 log = logging.getLogger(__name__)
@@ -144,9 +145,10 @@ def count_finished(status: str, cache_hits: int, tokens_saved: int) -> None:
 
 
 class RedisStateCollector(Collector):
-    """Gauges of what Redis holds now, read in one round trip when the scrape comes."""
+    """Gauges of what Redis holds now, read in one round trip when the scrape comes. The
+    keys are the configured ones, or (in the API, which has none) those workers published."""
 
-    def __init__(self, client: redis.Redis, keys: Sequence[ApiKey]) -> None:
+    def __init__(self, client: redis.Redis, keys: Sequence[ApiKey] = ()) -> None:
         self._client = client
         self._keys = tuple(keys)
 
@@ -164,44 +166,28 @@ class RedisStateCollector(Collector):
         yield from state
 
     def _read(self) -> list[Metric]:
-        seconds, micros = self._client.time()
-        now_ms = int(seconds) * 1000 + int(micros) // 1000
-        pipe = self._client.pipeline(transaction=False)
-        for key in self._keys:
-            pipe.zcount(constants.SLOTS_KEY.format(name=key.name), now_ms, "+inf")
-            pipe.pttl(constants.PAUSE_KEY.format(name=key.name))
-            pipe.pttl(constants.REVOKED_KEY.format(name=key.name))
-        for queue in constants.PRIORITIES:
-            pipe.llen(queue)
-        answers = iter(pipe.execute())
-        in_use = GaugeMetricFamily(
-            "rerank_key_slots_in_use", "Upstream calls a key has in flight now.", labels=["key"]
+        states = keystate.read(self._client, keystate.known_keys(self._client, self._keys))
+        depths = keystate.queue_depths(self._client)
+        family = functools.partial(GaugeMetricFamily, labels=["key"])
+        in_use = family("rerank_key_slots_in_use", "Upstream calls a key has in flight now.")
+        limit = family("rerank_key_slots_limit", "Calls a key may have in flight at once.")
+        paused = family(
+            "rerank_key_paused_seconds", "Seconds left of a key's pause after a 429 (0: none)."
         )
-        limit = GaugeMetricFamily(
-            "rerank_key_slots_limit", "Calls a key may have in flight at once.", labels=["key"]
-        )
-        paused = GaugeMetricFamily(
-            "rerank_key_paused_seconds",
-            "Seconds left of a key's pause after a 429 (0: not paused).",
-            labels=["key"],
-        )
-        retired = GaugeMetricFamily(
+        retired = family(
             "rerank_key_out_of_use",
             "1 while a key is out of use (balance, credentials, quota), else 0.",
-            labels=["key"],
         )
-        for key in self._keys:
-            slots, pause_ms, revoked_ms = next(answers), next(answers), next(answers)
-            in_use.add_metric([key.name], slots)
-            limit.add_metric([key.name], key.max_concurrency)
-            paused.add_metric([key.name], max(0, pause_ms) / 1000)
-            # PTTL: -2 no such key, -1 a key without expiry (out of use until restart).
-            retired.add_metric([key.name], 0 if revoked_ms == -2 else 1)
+        for key in states:
+            in_use.add_metric([key.name], key.slots_in_use)
+            limit.add_metric([key.name], key.slots_limit)
+            paused.add_metric([key.name], key.paused_s)
+            retired.add_metric([key.name], int(key.out_of_use))
         depth = GaugeMetricFamily(
             "rerank_queue_depth", "Messages waiting in a broker queue.", labels=["queue"]
         )
-        for queue in constants.PRIORITIES:
-            depth.add_metric([queue], next(answers))
+        for queue, count in depths.items():
+            depth.add_metric([queue], count)
         return [in_use, limit, paused, retired, depth]
 
 

@@ -11,7 +11,7 @@ import redis
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from worker import constants, metrics
+from worker import constants, keystate, metrics
 from worker.db import repository
 from worker.db.base import utcnow
 from worker.db.session import in_transaction
@@ -71,7 +71,9 @@ class Sweeper(threading.Thread):
     def run(self) -> None:
         client = sync_redis(redis_url(self._settings))
         interval_s = self._settings.sweep_interval_s
+        self._publish_keys(client)
         while not self._stop.wait(interval_s):
+            self._publish_keys(client)
             try:
                 if client.set(constants.SWEEPER_LOCK_KEY, "1", nx=True, px=int(interval_s * 900)):
                     sweep_once(self._settings)
@@ -79,6 +81,13 @@ class Sweeper(threading.Thread):
                 log.warning("action=sweep_failed reason=%s", type(exc).__name__)
             except Exception:  # the sweeper is the safety net: it must outlive any bug
                 log.exception("action=sweep_crashed")
+
+    def _publish_keys(self, client: redis.Redis) -> None:
+        """For the displays of processes that hold no key (the API's metrics, dashboard)."""
+        try:
+            keystate.publish(client, self._settings.keys)
+        except redis.exceptions.RedisError as exc:
+            log.warning("action=keys_unpublished reason=%s", type(exc).__name__)
 
     def stop(self) -> None:
         self._stop.set()

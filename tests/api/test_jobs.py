@@ -108,8 +108,9 @@ def test_jobs_are_scoped_to_their_tenant_and_admins_see_all(
         cancelled = admin.post(f"/v1/jobs/{mine['id']}/cancel")
         assert cancelled.status_code == 200
         assert cancelled.json()["status"] == "cancelled"
-        assert admin.get("/v1/jobs", params={"status": "cancelled"}).json()["data"][0]["id"] == (
-            mine["id"]
+        assert (
+            admin.get("/v1/jobs", params={"status": "cancelled"}).json()["data"][0]["id"]
+            == (mine["id"])
         )
 
 
@@ -180,7 +181,9 @@ def test_each_bad_input_answers_its_line_and_field_and_stores_nothing(
             )
             assert answer.status_code == status, (params, body, answer.text)
             error = answer.json()["error"]
-            assert error["type"] == ("invalid_request" if status == 400 else "unsupported_media_type")
+            assert error["type"] == (
+                "invalid_request" if status == 400 else "unsupported_media_type"
+            )
             assert error["message"]
             if status == 400:
                 assert (error["line"], error["field"]) == (line, field), (body, error)
