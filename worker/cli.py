@@ -482,6 +482,20 @@ def tokens_revoke(name: str) -> None:
 
 
 @app.command()
+def top(
+    once: Annotated[bool, typer.Option("--once", help="Draw one frame and exit.")] = False,
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between frames.")] = 1.0,
+    window: Annotated[float, typer.Option(min=1.0, help="Calls/s over this many seconds.")] = 10.0,
+) -> None:
+    """A live terminal view of the keys, the jobs in flight and calls/s."""
+    from worker import top as top_view
+
+    with _errors():
+        settings = _settings()
+        top_view.run(out, settings, interval_s=interval, window_s=window, once=once)
+
+
+@app.command()
 def demo(
     latency_ms: Annotated[float, typer.Option(help="Stand-in API latency.")] = 40.0,
 ) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from importlib import resources
+
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from worker.api import errors
-from worker.api.routes import health, jobs
+from worker.api.routes import dashboard, health, jobs, metrics
 from worker.settings import Settings, get_settings
 
 DESCRIPTION = """Hand rerank jobs to rerank-worker over HTTP, read their results and usage.
@@ -28,4 +31,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(metrics.router)
+    app.include_router(dashboard.router)
+    static = StaticFiles(directory=str(resources.files("worker.api") / "static"))
+    app.mount("/dashboard/static", static, name="dashboard-static")
     return app
