@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -30,12 +32,13 @@ def post_job(api: ApiServer, tenant: str, count: int) -> str:
     return str(made.json()["id"])
 
 
-def signed_in(api: ApiServer, tenant: str) -> httpx.Client:
+@contextlib.contextmanager
+def signed_in(api: ApiServer, tenant: str) -> Iterator[httpx.Client]:
     """A browser-like client: it signs in through the form and then carries the cookie."""
-    client = httpx.Client(base_url=api.base_url, timeout=60)
-    answer = client.post("/signin", data={"token": api.tokens[tenant]})
-    assert answer.status_code == 303, answer.text
-    return client
+    with httpx.Client(base_url=api.base_url, timeout=60) as client:
+        answer = client.post("/signin", data={"token": api.tokens[tenant]})
+        assert answer.status_code == 303, answer.text
+        yield client
 
 
 def test_the_sign_in_form_sets_an_httponly_samesite_cookie_and_refuses_a_bad_token(

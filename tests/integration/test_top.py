@@ -19,6 +19,8 @@ from jobs_support import make_requests, submit, wait_ok, write_jsonl
 
 from worker.standin import ThreadedStandin
 
+# Between two cells of a table row: spaces and the column rule.
+SEP = r"[\s│]+"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
 
 
@@ -55,28 +57,33 @@ class Terminal:
         os.close(self._master)
 
 
+def _drawn(terminal: Terminal, job_id: str) -> str:
+    """What top drew once it showed the job, alpha's slots in use and a rate of calls."""
+
+    def shown() -> str | None:
+        text = terminal.read()
+        wanted = (job_id[:12] in text, re.search(rf"alpha{SEP}[1-3]/3", text),
+                  re.search(r"calls/s [1-9]", text))  # fmt: skip
+        return text if all(wanted) else None
+
+    try:
+        return str(wait_for(shown, 60, "top to draw the job, alpha's slots and calls/s"))
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; it drew:\n{terminal.text()[-4000:]}") from None
+
+
 def test_top_draws_the_keys_slots_a_running_job_and_calls_per_second(
     make_env: Any, sqlite_url: str, standin: ThreadedStandin, tmp_path: Path
 ) -> None:
     env: Env = make_env(sqlite_url)
     standin.update(latency_ms=300)
     env.start_worker(concurrency=2)
-    job_id = submit(env, write_jsonl(tmp_path / "requests.jsonl", make_requests(40)))
+    # 150 requests on 5 slots at 300 ms: about 9 s of calls, for top to start and draw.
+    job_id = submit(env, write_jsonl(tmp_path / "requests.jsonl", make_requests(150)))
     terminal = Terminal(env, "top", "--interval", "0.3", "--window", "5")
     try:
-        drawn = wait_for(
-            lambda: (
-                (text := terminal.read())
-                and job_id[:12] in text
-                and re.search(r"alpha\s+[1-3]/3", text)
-                and re.search(r"calls/s [1-9]", text)
-                and text
-            ),
-            60,
-            "top to draw the job, alpha's slots in use and a rate of calls",
-        )
-        assert isinstance(drawn, str)
-        assert re.search(r"beta\s+\d/2", drawn)
+        drawn = _drawn(terminal, job_id)
+        assert re.search(rf"beta{SEP}\d/2", drawn)
         assert "jobs in flight" in drawn and "running" in drawn
         assert "sk-test" not in drawn
         terminal.process.send_signal(signal.SIGINT)
@@ -101,7 +108,7 @@ def test_top_once_prints_one_frame_and_exits(
         text = terminal.read(0.5)
     finally:
         terminal.close()
-    assert re.search(r"alpha\s+0/3\s+out of use \(\d+s\)", text), text
-    assert re.search(r"beta\s+0/2\s+paused \d+\.\ds", text), text
+    assert re.search(rf"alpha{SEP}0/3{SEP}out of use \(\d+s\)", text), text
+    assert re.search(rf"beta{SEP}0/2{SEP}paused \d+\.\ds", text), text
     assert "none" in text  # no job in flight
     assert text.count("jobs in flight") == 1  # one frame
