@@ -3,7 +3,7 @@
 Sign in through the form, watch a running job's progress advance (the page's own script
 polls), open the job's page, see the usage charts drawn, and check that a tenant's dashboard
 never shows another tenant's job. A screenshot is kept in the test's directory (and in
-RERANK_DASHBOARD_SCREENSHOT when set, for the README).
+DASHBOARD_SCREENSHOT_DIR when set, for the README).
 """
 
 from __future__ import annotations
@@ -108,12 +108,15 @@ def test_sign_in_watch_a_job_advance_open_it_and_see_the_charts(
     page.goto(api_server.base_url + "/dashboard/keys")
     assert page.locator('tr[data-key="alpha"] .slots').inner_text().endswith("/3")
 
-    page.goto(api_server.base_url + "/")
-    shot = tmp_path / "dashboard.png"
-    page.screenshot(path=str(shot), full_page=True)
-    assert shot.stat().st_size > 10_000
-    if target := os.environ.get("RERANK_DASHBOARD_SCREENSHOT"):
-        shutil.copy(shot, target)
+    shots = []
+    for path, name in (("/", "dashboard.png"), ("/dashboard/usage", "dashboard-usage.png")):
+        page.goto(api_server.base_url + path)
+        shots.append(tmp_path / name)
+        page.screenshot(path=str(shots[-1]), full_page=True)
+        assert shots[-1].stat().st_size > 10_000
+    if target := os.environ.get("DASHBOARD_SCREENSHOT_DIR"):
+        for shot in shots:
+            shutil.copy(shot, Path(target) / shot.name)
 
     # The other tenant's browser sees its own job only, and not acme's even by its URL.
     other = sign_in(browser, api_server, "globex")

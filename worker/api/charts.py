@@ -10,6 +10,7 @@ PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F
 WIDTH, HEIGHT = 760, 260
 LEFT, RIGHT, TOP, BOTTOM = 70, 10, 34, 46
 GRID_LINES = 4
+MAX_BAR_W = 48.0
 
 
 def _number(value: float) -> str:
@@ -29,7 +30,7 @@ def stacked_bars(
     top = max(totals, default=0.0) or 1.0
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     band = plot_w / max(len(days), 1)
-    bar_w = max(2.0, band * 0.7)
+    bar_w = min(max(2.0, band * 0.7), MAX_BAR_W)
     parts = [
         f'<svg class="chart" role="img" aria-label="{escape(label)}" viewBox="0 0 {WIDTH} {HEIGHT}"'
         f' width="100%" data-days="{len(days)}" data-series="{len(names)}">',
@@ -68,7 +69,7 @@ def stacked_bars(
             f'<text x="{legend_x + 16}" y="18" class="legend">{escape(name)}</text>'
         )
         legend_x += 24 + 8 * len(name)
-    if not days:
+    if not any(totals):
         parts.append(
             f'<text x="{WIDTH / 2}" y="{HEIGHT / 2}" text-anchor="middle" class="axis">'
             "no usage in this period</text>"

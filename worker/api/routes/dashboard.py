@@ -8,6 +8,7 @@ admins every job, exactly as through the API (the same scope). Every page reads 
 
 from __future__ import annotations
 
+import datetime as dt
 from collections import defaultdict
 from importlib import resources
 from typing import Annotated, Any
@@ -141,14 +142,19 @@ def keys_page(request: Request, viewer: ViewerDep, settings: SettingsDep) -> Res
     return _page(request, "keys.html", viewer, keys=view.keys, queues=view.queues)
 
 
-def _series(rows: list[Any], by: str, value: str) -> tuple[list[str], dict[str, dict[str, float]]]:
-    days = sorted({r.day for r in rows})
+def _days(count: int) -> list[str]:
+    """The last `count` UTC days, oldest first, as the rows spell them (YYYY-MM-DD)."""
+    today = dt.datetime.now(dt.UTC).date()
+    return [(today - dt.timedelta(days=back)).isoformat() for back in range(count - 1, -1, -1)]
+
+
+def _series(rows: list[Any], by: str, value: str) -> dict[str, dict[str, float]]:
     series: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for row in rows:
         amount = getattr(row, value)
         if amount:
             series[getattr(row, by)][row.day] += amount
-    return days, series
+    return series
 
 
 @router.get("/dashboard/usage", response_class=HTMLResponse)
@@ -157,9 +163,10 @@ def usage_page(request: Request, viewer: ViewerDep, settings: SettingsDep) -> Re
         return _signin(request)
     rows = overview.usage_by_day(viewer.scope, settings)
     chart = charts.stacked_bars
-    days, by_key = _series(rows, "key_name", "tokens")
-    _, by_model = _series(rows, "model", "tokens")
-    _, cost_by_model = _series(rows, "model", "cost")
+    days = _days(overview.USAGE_DAYS)
+    by_key = _series(rows, "key_name", "tokens")
+    by_model = _series(rows, "model", "tokens")
+    cost_by_model = _series(rows, "model", "cost")
     totals: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0, 0.0])
     for row in rows:
         entry = totals[(row.key_name, row.model)]
