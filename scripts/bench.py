@@ -3,6 +3,7 @@
     python scripts/bench.py                 # every target at the issue's sizes (minutes)
     python scripts/bench.py --only throughput --requests 4000
     python scripts/bench.py --only ingest --only export
+    python scripts/bench.py --only upload --corpus-docs 1000000
 
 Each target owns what it starts: a stand-in API process (4 keys x 8 slots, 100 ms), a
 redis-server on a free port, and a PostgreSQL database created on RERANK_BENCH_PG
@@ -473,6 +474,83 @@ def bench_ingest(
         ]  # fmt: skip
 
 
+@contextlib.contextmanager
+def api_process(env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`rerank-worker api` (one uvicorn process) on a free port, without any upstream key."""
+    port = free_port()
+    api_env = {k: v for k, v in env.items() if k != "RERANK_API_KEYS"}
+    log = (Path(env["RERANK_DATA_DIR"]).parent / "api.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker", "api", "--port", str(port)], env=api_env, stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    base_url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        with contextlib.suppress(httpx.TransportError):
+            return httpx.get(f"{base_url}/healthz", timeout=2).status_code == 200
+        return False
+
+    try:
+        wait_until(healthy, 60, "the API to answer /healthz")
+        yield process, base_url
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def _upload_row(svc: Services, documents: int, path: Path, cli_docs_per_s: float) -> Row:
+    """POST the corpus file to the API, streamed from disk, as a tenant would."""
+    token = json.loads(cli(svc.env(), "tokens", "create", f"bench-{uuid.uuid4().hex[:6]}",
+                           "--json").stdout)["token"]  # fmt: skip
+    with api_process(svc.env()) as (process, base_url):
+        idle_mb = round(status_kb(process.pid, "VmRSS") / 1024, 1)
+        with path.open("rb") as body, httpx.Client(base_url=base_url, timeout=600) as client:
+            started = time.monotonic()
+            answer = client.post(
+                "/v1/jobs",
+                content=body,
+                params={"query": "waterproof hiking boots", "top_n": 100},
+                headers={"Authorization": f"Bearer {token}",
+                         "Content-Type": "application/x-ndjson"},
+            )  # fmt: skip
+            elapsed_s = time.monotonic() - started
+        peak_mb = round(status_kb(process.pid, "VmHWM") / 1024, 1)
+    if answer.status_code != 201:
+        raise RuntimeError(f"upload answered {answer.status_code}: {answer.text[:2000]}")
+    stored = document_rows(svc.database_url, answer.json()["id"])
+    if stored != documents:
+        raise RuntimeError(f"upload: {stored} documents stored, not {documents}")
+    docs_per_s = documents / elapsed_s
+    figures = {
+        "items": f"{documents} documents",
+        "elapsed_s": round(elapsed_s, 1),
+        "docs_per_s": round(docs_per_s),
+        "input_mb_per_s": round(path.stat().st_size / 1e6 / elapsed_s, 1),
+        "peak_rss_mb": f"{peak_mb} (idle {idle_mb})",
+        "percent_of_cli": round(100 * docs_per_s / cli_docs_per_s, 1),
+    }
+    return Row("upload corpus over HTTP (POST /v1/jobs)", figures)
+
+
+def bench_upload(corpus_docs: int) -> list[Row]:
+    """A corpus file posted to `POST /v1/jobs` (one API process, PostgreSQL) against
+    `rerank-worker submit --query` of the same file: documents/s of both and the API
+    process's peak RSS. The CLI runs before and after the upload; its figure is the mean."""
+    with services() as svc:
+        corpus = svc.workdir / "corpus.jsonl"
+        write_corpus(corpus, corpus_docs)
+        args = ("--query", "waterproof hiking boots", "--top-n", "100")
+        before = _ingest_row(svc, "submit corpus (CLI, before)", corpus_docs, corpus, *args)
+        cli_docs_per_s = float(before.figures["docs_per_s"])
+        upload = _upload_row(svc, corpus_docs, corpus, cli_docs_per_s)
+        after = _ingest_row(svc, "submit corpus (CLI, after)", corpus_docs, corpus, *args)
+        mean_cli = (cli_docs_per_s + float(after.figures["docs_per_s"])) / 2
+        api_docs_per_s = float(upload.figures["docs_per_s"])
+        upload.figures["percent_of_cli"] = round(100 * api_docs_per_s / mean_cli, 1)
+        return [before, upload, after]
+
+
 # Ten results per request, indexes spread over 100 documents, scores descending; it refers
 # to the row's position so that PostgreSQL computes it for each row.
 CORPUS_QUERY = "waterproof hiking boots"
@@ -773,6 +851,7 @@ COLUMNS = {
     "worker_rss_mb": "worker RSS MB start/mid/end/max",
     "mean_calls_in_flight": "calls in flight",
     "succeeded": "succeeded",
+    "percent_of_cli": "% of CLI docs/s",
 }
 
 TARGETS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
@@ -784,6 +863,7 @@ TARGETS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "export": lambda a: bench_export([int(n) for n in a.export_lines.split(",")]),
     "cache": lambda a: bench_cache(a.cache_docs, a.cache_edit_every),
     "interactive": lambda a: bench_interactive(a.bulk_requests, a.samples, a.docs),
+    "upload": lambda a: bench_upload(a.corpus_docs),
 }
 
 
@@ -805,7 +885,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16_000, help="throughput and bare")
     parser.add_argument("--docs", type=int, default=10, help="documents per request")
     parser.add_argument("--worker-args", default="", help="extra arguments for the worker")
-    parser.add_argument("--corpus-docs", type=int, default=1_000_000, help="ingest: corpus")
+    parser.add_argument(
+        "--corpus-docs", type=int, default=1_000_000, help="ingest and upload: corpus"
+    )
     parser.add_argument("--ingest-requests", type=int, default=10_000, help="ingest: requests")
     parser.add_argument("--ingest-docs", type=int, default=100, help="ingest: per request")
     parser.add_argument("--image-requests", type=int, default=1000, help="ingest: of images")

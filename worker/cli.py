@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
@@ -408,17 +409,22 @@ def api(
 ) -> None:
     """Serve the HTTP API (OpenAPI at /openapi.json, docs at /docs). Holds no upstream key."""
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
     with _errors():
         settings = _settings()
-        log_level = settings.log_level.lower()
+    # uvicorn's own log format for the project's loggers too (never a token: they are not
+    # logged, and uvicorn's access log shows no header).
+    log_config = copy.deepcopy(LOGGING_CONFIG)
+    log_config["loggers"]["worker"] = {"handlers": ["default"], "level": settings.log_level}
     uvicorn.run(
         "worker.api.app:create_app",
         factory=True,
         host=host,
         port=port,
         workers=workers,
-        log_level=log_level,
+        log_level=settings.log_level.lower(),
+        log_config=log_config,
         # The API sits behind whatever the operator puts in front; no Server header to aim at.
         server_header=False,
     )

@@ -39,7 +39,7 @@ BAD_AUTHORIZATIONS = [
     None,
     "Bearer rrw_nonsense",
     "Bearer rrw_abcdefgh_" + "x" * 43,
-    "Bearer ",
+    "Bearer",
     "Basic dXNlcjpwYXNz",
 ]
 

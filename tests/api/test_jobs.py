@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
-from conftest import ApiServer
-from jobs_support import expected_results, make_requests, write_jsonl
-from sqlalchemy import func, select
+from conftest import ApiServer, wait_for
+from jobs_support import assert_no_secret, expected_results, make_requests, write_jsonl
+from sqlalchemy import func, select, text
 
 from worker.db.models import Document, Job, Request
 from worker.db.session import get_sessionmaker
@@ -75,6 +79,7 @@ def test_a_job_posted_over_http_runs_and_its_results_match_the_cli(
     tenant_usage = env.cli("usage", "--tenant", "acme", "--json")
     assert json.loads(tenant_usage.stdout)["total_tokens"] == usage["total_tokens"]
     assert env.cli("usage", "--tenant", "nobody").returncode == 2
+    assert_no_secret(made.text, waited.text, answer.text, json.dumps(usage), api_server.log())
 
 
 def test_jobs_are_scoped_to_their_tenant_and_admins_see_all(
@@ -191,28 +196,37 @@ def test_each_bad_input_answers_its_line_and_field_and_stores_nothing(
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-def test_a_large_corpus_streams_in_and_its_results_stream_out(api_server: ApiServer) -> None:
+def test_a_large_corpus_streams_in_and_results_stream_out(api_server: ApiServer) -> None:
     documents = 200_000
 
-    def body() -> object:
+    def body() -> Iterator[bytes]:
         for start in range(0, documents, 10_000):
             yield "".join(
                 json.dumps({"text": f"document {i} of the corpus, word {i * 7919 % 10007}"}) + "\n"
                 for i in range(start, start + 10_000)
             ).encode()
 
+    many = [
+        {"custom_id": f"m-{i}", "query": f"q {i}", "documents": [f"d {i}"]} for i in range(20_000)
+    ]
     with api_server.client("acme") as client:
         made = client.post(
             "/v1/jobs", content=body(), headers=NDJSON, params={"query": "word 17", "top_n": 5}
         )
         assert made.status_code == 201, made.text
         assert made.json()["total_requests"] == 1
-        with client.stream("GET", f"/v1/jobs/{made.json()['id']}/results") as answer:
+        assert row_counts() == (1, 1, documents)
+        big = client.post("/v1/jobs", content=ndjson(many), headers=NDJSON).json()
+        with client.stream("GET", f"/v1/jobs/{big['id']}/results") as answer:
             assert answer.status_code == 200
-            streamed = b"".join(answer.iter_bytes())
-    assert row_counts() == (1, 1, documents)
-    (line,) = streamed.splitlines()
-    assert json.loads(line)["custom_id"] == "corpus"
+            assert "content-length" not in answer.headers
+            assert answer.headers["transfer-encoding"] == "chunked"
+            pieces = list(answer.iter_raw())
+    streamed = b"".join(pieces)
+    assert len(pieces) > 1
+    assert streamed.count(b"\n") == len(many)
+    cli = api_server.env.cli("results", big["id"])
+    assert streamed == cli.stdout.encode()
     peak_kb = _peak_rss_kb(api_server.process.pid)
     assert peak_kb < 300 * 1024, f"API peak RSS {peak_kb} kB"
 
@@ -239,3 +253,89 @@ def test_wait_holds_the_answer_until_the_job_ends_or_the_time_is_up(
         ended = client.get(f"/v1/jobs/{job['id']}", params={"wait": 60})
     assert ended.json()["status"] == "completed"
     assert time.monotonic() - started < 50
+
+
+def test_a_body_cut_short_by_the_client_stores_nothing(api_server: ApiServer) -> None:
+    host, port = api_server.base_url.removeprefix("http://").split(":")
+    lines = ndjson(make_requests(50))
+    head = (
+        "POST /v1/jobs HTTP/1.1\r\nHost: api\r\n"
+        f"Authorization: Bearer {api_server.tokens['acme']}\r\n"
+        f"Content-Type: application/x-ndjson\r\nContent-Length: {len(lines) * 10}\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(head.encode() + lines)
+    wait_for(lambda: "action=upload_incomplete" in api_server.log(), 30, "the API to see the cut")
+    assert row_counts() == (0, 0, 0)
+    with api_server.client("acme") as client:
+        assert client.get("/v1/jobs").json() == {"data": []}
+
+
+def test_several_api_processes_serve_one_database(
+    api_server: ApiServer, start_api: Callable[..., ApiServer]
+) -> None:
+    second = start_api(api_server.env, workers=2, drop=("RERANK_API_KEYS",))
+    second.tokens = api_server.tokens
+    with api_server.client("acme") as one, second.client("acme") as other:
+        made = one.post("/v1/jobs", content=ndjson(make_requests(2)), headers=NDJSON).json()
+        for _ in range(6):
+            assert other.get(f"/v1/jobs/{made['id']}").json()["id"] == made["id"]
+    assert second.log().count("Started server process") == 2
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_one_key_sent_twice_at_once_makes_one_job(api_server: ApiServer) -> None:
+    """The second submit waits on the first's row for the key, then answers its job."""
+    release = threading.Event()
+    lines = ndjson(make_requests(4)).splitlines(keepends=True)
+
+    def slow_body() -> Iterator[bytes]:
+        yield lines[0]
+        release.wait(60)
+        yield from lines[1:]
+
+    answers: dict[str, httpx.Response] = {}
+    headers = {**NDJSON, "Idempotency-Key": "at-once"}
+
+    def post(name: str, body: object) -> None:
+        with api_server.client("acme") as client:
+            answers[name] = client.post("/v1/jobs", content=body, headers=headers)  # type: ignore[arg-type]
+
+    first = threading.Thread(target=post, args=("first", slow_body()))
+    first.start()
+    wait_for(lambda: _sessions("state = 'idle in transaction'"), 30, "the first job's row")
+    second = threading.Thread(target=post, args=("second", b"".join(lines)))
+    second.start()
+    wait_for(lambda: _sessions("wait_event_type = 'Lock'"), 30, "the second to wait on the key")
+    release.set()
+    first.join(60)
+    second.join(60)
+    assert answers["first"].status_code == 201, answers["first"].text
+    assert answers["second"].status_code == 200, answers["second"].text
+    assert answers["second"].json()["id"] == answers["first"].json()["id"]
+    assert row_counts()[:2] == (1, 4)
+
+
+def _sessions(where: str) -> int:
+    """PostgreSQL sessions on the test's database in that state."""
+    query = f"SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND {where}"
+    with get_sessionmaker(get_settings().sqlalchemy_url())() as session:
+        return int(session.scalar(text(query)) or 0)
+
+
+def test_a_large_body_refused_for_a_parameter_still_gets_its_answer(
+    api_server: ApiServer,
+) -> None:
+    """Refused before its first line was read: the server reads and drops the rest, or the
+    client, still sending, would see a connection reset instead of its 400."""
+    line = json.dumps({"query": "q", "documents": ["x" * 1000] * 30}).encode() + b"\n"
+    body = line * 1000  # 30 MB: more than the socket buffers hold before the answer
+    with api_server.client("acme") as client:
+        for params, headers in [
+            ({"top_n": "0"}, NDJSON),
+            ({"priority": "bulk", "query": " "}, NDJSON),
+            ({}, {"Content-Type": "text/csv"}),
+        ]:
+            answer = client.post("/v1/jobs", content=body, params=params, headers=headers)
+            assert answer.status_code in (400, 415), answer.text
+    assert row_counts() == (0, 0, 0)

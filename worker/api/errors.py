@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
+import psycopg
 import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -74,8 +75,8 @@ def _unavailable(_: Request, exc: Exception) -> JSONResponse:
 
 
 def _refused_value(_: Request, exc: Exception) -> JSONResponse:
-    """A value the database cannot store is bad input, even when no check foresaw it."""
-    assert isinstance(exc, DataError)
+    """A value the database cannot store is bad input, even when no check foresaw it (a
+    COPY raises psycopg's own error, not SQLAlchemy's)."""
     reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
     return error_response(400, f"the database refused a value: {reason}", line=None, field=None)
 
@@ -86,5 +87,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(errors.JobNotFound, _not_found)
     app.add_exception_handler(DataError, _refused_value)
+    app.add_exception_handler(psycopg.DataError, _refused_value)
     app.add_exception_handler(SQLAlchemyError, _unavailable)
     app.add_exception_handler(redis.exceptions.ConnectionError, _unavailable)

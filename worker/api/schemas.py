@@ -95,23 +95,48 @@ class Health(BaseModel):
     redis: bool
 
 
+# What the job table's columns hold: a parameter beyond them is refused as bad input.
+MAX_INT32 = 2**31 - 1
+MAX_INT64 = 2**63 - 1
+MAX_COST = 1e9
+# PostgreSQL's text cannot hold NUL, so no text parameter may carry one.
+NO_NUL = r"^[^\x00]*$"
+
+
 class JobParameters(BaseModel):
     """The query parameters of `POST /v1/jobs`: the options of `rerank-worker submit`."""
 
     model_config = ConfigDict(extra="forbid")
 
     query: str | None = Field(
-        None, min_length=1, description="Rank a corpus body (one document per line) against it"
+        None,
+        min_length=1,
+        pattern=NO_NUL,
+        description="Rank a corpus body (one document per line) against it",
     )
-    model: str | None = Field(None, min_length=1, description="Model for requests naming none")
-    top_n: int | None = Field(None, ge=1, description="Results kept per request")
+    model: str | None = Field(
+        None, min_length=1, max_length=200, pattern=NO_NUL, description="For requests naming none"
+    )
+    top_n: int | None = Field(None, ge=1, le=MAX_INT32, description="Results kept per request")
     priority: Priority = "bulk"
     cache: bool = Field(True, description="Reuse and keep scores already paid for")
-    max_tokens: int | None = Field(None, ge=1, description="Tokens the job may bill at most")
-    max_cost: float | None = Field(None, gt=0, description="Cost the job may bill at most")
+    max_tokens: int | None = Field(
+        None, ge=1, le=MAX_INT64, description="Tokens the job may bill at most"
+    )
+    max_cost: float | None = Field(
+        None, gt=0, lt=MAX_COST, allow_inf_nan=False, description="Cost the job may bill at most"
+    )
     webhook_url: str | None = Field(
-        None, min_length=1, max_length=2000, description="POSTed a signed webhook at the end"
+        None,
+        min_length=1,
+        max_length=2000,
+        pattern=NO_NUL,
+        description="POSTed a signed webhook when the job ends",
     )
     on_complete: str | None = Field(
-        None, min_length=1, max_length=200, description="A Celery task sent (job_id, status)"
+        None,
+        min_length=1,
+        max_length=200,
+        pattern=NO_NUL,
+        description="A Celery task sent (job_id, status) when the job ends",
     )

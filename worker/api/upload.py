@@ -7,18 +7,23 @@ few chunks and one line at a time whatever the body's size.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 import anyio
 import anyio.from_thread
 import anyio.to_thread
+from starlette.requests import ClientDisconnect
 
 from worker import errors
 from worker.service.submit import JobOptions, SubmitResult, submit_job
 from worker.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # Chunks read ahead of the parser: the socket keeps being read while a chunk is parsed.
 BUFFERED_CHUNKS = 16
@@ -71,25 +76,28 @@ class _BodyPipe:
                 yield anyio.from_thread.run(self.receive.receive)
             except (anyio.EndOfStream, anyio.ClosedResourceError):
                 if not self.complete:
+                    log.warning("action=upload_incomplete reason=body_cut_short")
                     raise errors.InputError("the body ended before it was complete") from None
                 return
 
     async def pump(self, body: AsyncIterator[bytes]) -> None:
         """Feed the body to the parser; once the parser stopped (bad input, a known job),
-        read the rest and drop it, so a client that is still sending gets its answer."""
-        with self.send:
-            async for chunk in body:
-                if not chunk:
-                    continue
-                try:
-                    await self.send.send(chunk)
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    break
-            else:
-                self.complete = True
-                return
-        async for _ in body:
-            pass
+        read the rest and drop it, so a client that is still sending gets its answer. A
+        client that goes away leaves the body incomplete, which the parser then refuses."""
+        with contextlib.suppress(ClientDisconnect):
+            with self.send:
+                async for chunk in body:
+                    if not chunk:
+                        continue
+                    try:
+                        await self.send.send(chunk)
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        break
+                else:
+                    self.complete = True
+                    return
+            async for _ in body:
+                pass
 
 
 async def submit_stream(

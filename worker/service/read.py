@@ -24,6 +24,12 @@ def job_progress(
         return _progress(session, visible_job(session, job_id, scope))
 
 
+def job_state(job_id: str, settings: Settings | None = None, scope: Scope = OPERATOR) -> str:
+    """Only the job's status: one row by its key, cheap enough to poll whatever its size."""
+    with sessions(settings)() as session:
+        return visible_job(session, job_id, scope).status
+
+
 def _progress(session: Session, job: Job) -> dict[str, Any]:
     counts = repository.job_counts(session, job.id)
     return {

@@ -56,8 +56,9 @@ def run_in_transaction(fn: Callable[[Session], T], settings: Settings | None = N
 
 
 def visible_job(session: Session, job_id: str, scope: Scope) -> Job:
-    """The job, if it exists and the caller may see it; JobNotFound otherwise."""
-    job = repository.get_job(session, job_id)
+    """The job, if it exists and the caller may see it; JobNotFound otherwise (also for a
+    string no job id can be, which PostgreSQL would refuse to compare)."""
+    job = None if "\x00" in job_id else repository.get_job(session, job_id)
     if job is None or not scope.can_see(job):
         raise errors.JobNotFound(f"no job with id '{job_id}'")
     return job

@@ -12,7 +12,7 @@ from typing import Any
 
 import kombu.exceptions
 import redis
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker import catalog, constants, errors, ingest
@@ -229,7 +229,19 @@ def submit_job(
                     max_cost=options.max_cost,
                 )
             )
-            session.flush()
+            try:
+                session.flush()
+            except IntegrityError:
+                # The same key's submit at the same moment (another API process) stored
+                # its job first: this one answers that job.
+                session.rollback()
+                key = options.idempotency_key
+                if key is None:
+                    raise
+                existing = repository.find_job_by_idempotency_key(session, tenant_id, key)
+                if existing is None:
+                    raise
+                return SubmitResult(existing.id, existing.total_requests, existing=True)
             cap = settings.max_documents_per_call
             if options.query is not None:
                 corpus = ingest.RequestInput(

@@ -19,14 +19,16 @@ from worker.api.deps import CallerDep, ScopeDep, SettingsDep
 from worker.api.errors import error_response
 from worker.db.models import JOB_ENDED
 from worker.service import control, read
+from worker.service.scope import Scope
 from worker.service.submit import JobOptions
 from worker.service.usage import usage_report
+from worker.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
 MAX_WAIT_S = 60.0
 WAIT_POLL_S = 0.2
-WAIT_POLL_MAX_S = 2.0
+WAIT_POLL_MAX_S = 1.0
 NDJSON = "application/x-ndjson"
 # Content types taken as JSON Lines; an absent one is too (curl --data-binary sends none
 # that fits, and the body tells).
@@ -44,6 +46,26 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": schemas.ErrorResponse, "description": "No such job for this token"},
 }
 
+_DOCUMENT = {
+    "oneOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+        {"type": "object", "properties": {"image": {"type": "string"}}, "required": ["image"]},
+    ]
+}
+_REQUEST = {
+    "type": "object",
+    "properties": {
+        "custom_id": {"type": "string", "minLength": 1, "maxLength": 200},
+        "query": {"type": "string", "minLength": 1},
+        "documents": {"type": "array", "items": _DOCUMENT, "minItems": 1},
+        "top_n": {"type": "integer", "minimum": 1},
+        "model": {"type": "string", "minLength": 1},
+        "return_documents": {"type": "boolean"},
+    },
+    "required": ["query", "documents"],
+    "additionalProperties": False,
+}
 _REQUEST_BODY = {
     "required": True,
     "content": {
@@ -55,14 +77,15 @@ _REQUEST_BODY = {
             "schema": {
                 "type": "object",
                 "properties": {
-                    "requests": {"type": "array", "items": {"type": "object"}},
-                    "documents": {"type": "array", "items": {}},
+                    "requests": {"type": "array", "items": _REQUEST, "minItems": 1},
+                    "documents": {"type": "array", "items": _DOCUMENT, "minItems": 1},
                 },
             },
         },
     },
     "description": "A requests file (JSON Lines), or a corpus file when `query` is given; "
-    'or application/json {"requests": [...]} ({"documents": [...]} with `query`).',
+    'or application/json {"requests": [...]} ({"documents": [...]} with `query`). A bad line '
+    "answers 400 naming it (for JSON, line N is the list's N-th item).",
 }
 
 
@@ -98,7 +121,13 @@ async def create_job(
     settings: SettingsDep,
     params: Annotated[schemas.JobParameters, Query()],
     idempotency_key: Annotated[
-        str | None, Header(min_length=1, max_length=200, description="Answers the same job")
+        str | None,
+        Header(
+            min_length=1,
+            max_length=200,
+            pattern=schemas.NO_NUL,
+            description="A repeated key answers the job it made (200) instead of a new one",
+        ),
     ] = None,
 ) -> Response:
     """Validate the whole body, store the job and enqueue it (`rerank-worker submit`)."""
@@ -154,15 +183,15 @@ async def get_job(
     return await run_in_threadpool(read.job_status, job_id, settings, scope)
 
 
-async def _wait_until_ended(job_id: str, scope: Any, settings: Any, wait_s: float) -> None:
+async def _wait_until_ended(job_id: str, scope: Scope, settings: Settings, wait_s: float) -> None:
     """Poll the job's status in SQL, more slowly as the wait goes on: any API process
     answers, whichever worker ends the job."""
     deadline = time.monotonic() + wait_s
     interval_s = WAIT_POLL_S
     while True:
-        progress = await run_in_threadpool(read.job_progress, job_id, settings, scope)
+        status = await run_in_threadpool(read.job_state, job_id, settings, scope)
         left_s = deadline - time.monotonic()
-        if progress["status"] in JOB_ENDED or left_s <= 0:
+        if status in JOB_ENDED or left_s <= 0:
             return
         await anyio.sleep(min(interval_s, left_s))
         interval_s = min(WAIT_POLL_MAX_S, interval_s * 1.5)
