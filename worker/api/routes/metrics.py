@@ -15,6 +15,7 @@ from prometheus_client import (
 )
 from starlette.concurrency import run_in_threadpool
 
+from worker.api import schemas
 from worker.api.deps import CallerDep, SettingsDep
 from worker.metrics import RedisStateCollector
 from worker.redis_clients import redis_url, sync_redis
@@ -36,7 +37,10 @@ def _registry(request: Request, settings: SettingsDep) -> CollectorRegistry:
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"},
+        401: {"model": schemas.ErrorResponse, "description": "No valid token"},
+    },
 )
 async def metrics(request: Request, settings: SettingsDep, _caller: CallerDep) -> Response:
     """Prometheus metrics, with a valid token (any tenant's: they name keys, not jobs)."""
