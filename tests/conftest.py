@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -245,6 +245,7 @@ class Env:
         name: str | None = None,
         processes: int = 1,
         via: tuple[str, ...] = (),
+        extra_args: Sequence[str] = (),
     ) -> subprocess.Popen[bytes]:
         """A real `rerank-worker worker` in its own process group; returns once it (each of
         its processes) is ready. `via` prefixes the command (`ip netns exec HOST`)."""
@@ -255,7 +256,8 @@ class Env:
         with log_path.open("wb") as log:
             process = subprocess.Popen(
                 [*via, sys.executable, "-m", "worker", "worker", "--concurrency", str(concurrency),
-                 "--hostname", f"{name}@%h", "--loglevel", "INFO", "--processes", str(processes)],
+                 "--hostname", f"{name}@%h", "--loglevel", "INFO", "--processes", str(processes),
+                 *extra_args],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

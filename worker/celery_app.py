@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from kombu.entity import Queue
 
-from worker import broker, constants
+from worker import broker, constants, logs
 from worker.settings import get_settings
 
 # On RabbitMQ the queues are quorum queues: replicated, durable, and never dropping a
@@ -64,3 +65,13 @@ def create_app() -> Celery:
 
 
 app = create_app()
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _log_format(logger: logging.Logger, **_: Any) -> None:
+    """RERANK_LOG_FORMAT=json: Celery's handlers write one JSON object per line."""
+    settings = get_settings()
+    if settings.log_format == "json":
+        logs.use_format(logger, "json", settings.secrets())
+        logging.captureWarnings(True)  # Python's warnings are log lines too, not plain text

@@ -108,6 +108,17 @@ def worker(
             f"{constants.SLOTS_PER_PROCESS} slots, at most one per CPU core.",
         ),
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=0,
+            help="Serve Prometheus metrics of all this worker's processes at /metrics.",
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option("--metrics-host", help="Address the metrics server listens on.")
+    ] = "127.0.0.1",
 ) -> None:
     """Run a Celery worker (same as `celery -A worker.celery_app worker`)."""
     with _errors():
@@ -116,11 +127,24 @@ def worker(
         from worker import processes as worker_processes
 
         count = processes or worker_processes.default_processes(settings)
-        if count > 1:
-            passed = [f"--queues={queues}", f"--loglevel={loglevel or settings.log_level}"]
+        level = loglevel or settings.log_level
+        if count > 1 or metrics_port is not None:
+            passed = [f"--queues={queues}", f"--loglevel={level}"]
             if concurrency:
                 passed.append(f"--concurrency={concurrency}")
-            raise typer.Exit(worker_processes.run(count, settings, hostname, passed))
+            if metrics_port is None:
+                raise typer.Exit(worker_processes.run(count, settings, hostname, passed))
+            raise typer.Exit(
+                worker_processes.run_with_metrics(
+                    count,
+                    settings,
+                    hostname,
+                    passed,
+                    host=metrics_host,
+                    port=metrics_port,
+                    log_level=level,
+                )
+            )
         from worker.celery_app import app as celery_app
 
         argv = [
@@ -128,10 +152,16 @@ def worker(
             "--pool=threads",
             f"--concurrency={concurrency or settings.default_worker_concurrency()}",
             f"--queues={queues}",
-            f"--loglevel={loglevel or settings.log_level}",
+            f"--loglevel={level}",
             "--without-gossip",
             "--without-mingle",
         ]
+        if settings.log_format == "json":
+            from worker import logs
+
+            argv.insert(0, "--quiet")  # celery's own option: no banner (plain text on stdout)
+            # Before Celery starts: its first warnings come before it sets logging up.
+            logs.configure("json", level, settings.secrets())
         if hostname:
             argv.append(f"--hostname={hostname}")
         celery_app.worker_main(argv)
@@ -624,6 +654,20 @@ def prune(
         f"pruned {result.jobs} jobs: {result.requests} requests, {result.documents} documents, "
         f"{result.calls} upstream calls; {result.cache_entries} score-cache entries"
     )
+
+
+@app.command()
+def top(
+    once: Annotated[bool, typer.Option("--once", help="Draw one frame and exit.")] = False,
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between frames.")] = 1.0,
+    window: Annotated[float, typer.Option(min=1.0, help="Calls/s over this many seconds.")] = 10.0,
+) -> None:
+    """A live terminal view of the keys, the jobs in flight and calls/s."""
+    from worker import top as top_view
+
+    with _errors():
+        settings = _settings()
+        top_view.run(out, settings, interval_s=interval, window_s=window, once=once)
 
 
 @app.command()

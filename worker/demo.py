@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from worker import errors
+from worker import constants, errors
 from worker.schema import ensure_schema
 from worker.service import read, submit, usage
 from worker.settings import get_settings
@@ -100,6 +100,10 @@ def run(out: Console, err: Console, *, latency_ms: float) -> None:
             f"cost {report['cost']:.8f} PTC (stand-in prices as jina-reranker-m0)"
         )
         out.print(f"try: rerank-worker results {result.job_id}")
+        out.print(
+            f"dashboard: rerank-worker api, then http://{constants.API_HOST}:{constants.API_PORT}/"
+            " (sign in with a token from `rerank-worker tokens create NAME`)"
+        )
     finally:
         if worker is not None:
             worker.terminate()

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from worker import catalog, constants, errors
+from worker import catalog, constants, errors, metrics
 from worker.db.base import utcnow
 from worker.domain import CachedScore, CallRecord, RequestOutcome, RequestWork
 from worker.upstream import token_estimate
@@ -193,6 +193,7 @@ class Reranker:
                         lease.billed_tokens = 0  # refused: nothing counted upstream
                         # Paused before the slot is given back, so nobody slips in between.
                         await self._pool.pause(lease.key.name, self._pause_s(exc, failures + 1))
+                        metrics.KEY_PAUSES.labels(lease.key.name).inc()
                 else:
                     outcome.calls.append(
                         self._record(work, lease.key.name, size, started, result=result)
@@ -238,6 +239,7 @@ class Reranker:
         key_name = error.key_name or "?"
         if isinstance(error, errors.KeyUnusable):
             await self._pool.take_out_of_use(key_name, error.message, error.until_s)
+            metrics.KEY_RETIREMENTS.labels(key_name, str(error.status_code)).inc()
             log.warning("action=key_out_of_use key=%s status=%s", key_name, error.status_code)
             return failures
         if not isinstance(error, errors.RetryableError):
@@ -278,7 +280,7 @@ class Reranker:
         error: errors.UpstreamError | None = None,
     ) -> CallRecord:
         latency_ms = (utcnow() - started).total_seconds() * 1000
-        return CallRecord(
+        record = CallRecord(
             key_name=key_name,
             model=work.model,
             status_code=result.status_code if result else (error.status_code if error else None),
@@ -290,3 +292,8 @@ class Reranker:
             search_units=result.search_units if result else 0,
             usage_unknown=result is not None and not result.usage_known,
         )
+        status = metrics.call_status(record.status_code, error.transport_error if error else None)
+        metrics.count_call(
+            key_name, work.model, status, record.latency_ms / 1000, record.total_tokens
+        )
+        return record

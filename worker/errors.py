@@ -11,6 +11,8 @@ RerankError
 ├── BudgetExceeded         a job's token or cost cap leaves no room for another call
 └── UpstreamError          one upstream call failed (carries key NAME and status, never a secret)
     ├── RetryableError     timeouts, dropped connections, 408, 429, 5xx, 302.AI -10003/-10008/-1024
+    │   ├── UpstreamTimeout    no whole answer within the call timeout
+    │   ├── ConnectionFailed   the connection failed or dropped before an answer
     │   └── RateLimited    429: pauses the key for every worker
     ├── KeyUnusable        401/403, balance, quota: the key is taken out of use
     ├── RequestRejected    any other 4xx: fails the request with the upstream's message
@@ -59,6 +61,8 @@ class UpstreamError(RerankError):
     """One upstream call failed. `kind` is the short type written into results."""
 
     kind = "upstream_error"
+    # Why no HTTP status came back, for metrics: "timeout" or "connection".
+    transport_error: str | None = None
 
     def __init__(
         self,
@@ -77,6 +81,14 @@ class UpstreamError(RerankError):
 
 class RetryableError(UpstreamError):
     kind = "upstream_unavailable"
+
+
+class UpstreamTimeout(RetryableError):
+    transport_error = "timeout"
+
+
+class ConnectionFailed(RetryableError):
+    transport_error = "connection"
 
 
 class RateLimited(RetryableError):

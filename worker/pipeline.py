@@ -28,7 +28,7 @@ import redis
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from worker import broker, completion, constants
+from worker import broker, completion, constants, metrics
 from worker.db import repository
 from worker.db.session import in_transaction
 from worker.domain import RequestOutcome, RequestWork
@@ -157,6 +157,10 @@ class Pipeline:
                     log.exception("action=record_failed requests=%d", len(batch))
                     carried = batch
                 else:
+                    for outcome in batch:
+                        metrics.count_finished(
+                            outcome.status, outcome.cache_hits, outcome.tokens_saved
+                        )
                     interactive: set[str] = set()
                     with self._room:
                         for outcome in batch:

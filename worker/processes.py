@@ -11,6 +11,10 @@ SIGTERM, because a terminal's Ctrl-C reaches the children directly too and a sec
 would make Celery shut down cold. When one child ends, the parent stops the others (a warm
 shutdown) and exits with that child's status, for whatever restarts the worker (a container
 runtime or systemd) to start it again whole.
+
+With `--metrics-port`, the parent also serves the children's metrics as one view: they
+write them to files in one directory (prometheus_client's multiprocess mode), which the
+parent empties before the first child starts.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ import sys
 from collections.abc import Sequence
 from types import FrameType
 
-from worker import constants
+from worker import constants, logs, metrics
+from worker.metrics import WorkerMetricsServer, child_environment
+from worker.redis_clients import redis_url, sync_redis
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -58,9 +64,18 @@ def node_name(hostname: str | None, index: int) -> str:
     return f"{name}-{index}{at}{host}"
 
 
-def run(count: int, settings: Settings, hostname: str | None, worker_args: Sequence[str]) -> int:
-    """Run `count` worker processes until one ends; the exit status to leave with."""
+def run(
+    count: int,
+    settings: Settings,
+    hostname: str | None,
+    worker_args: Sequence[str],
+    metrics: WorkerMetricsServer | None = None,
+) -> int:
+    """Run `count` worker processes until one ends; the exit status to leave with. With
+    `metrics`, the children write their metrics where that server reads them."""
     env = dict(os.environ, RERANK_PROCESS_SLOTS=str(math.ceil(settings.total_slots / count)))
+    if metrics is not None:
+        env.update(child_environment(metrics.directory))
     command = [sys.executable, "-m", "worker", "worker", "--processes", "1"]
     children: list[subprocess.Popen[bytes]] = []
     stopping = False
@@ -89,4 +104,23 @@ def run(count: int, settings: Settings, hostname: str | None, worker_args: Seque
         forward(signal.SIGTERM, None)
     for child in children:
         child.wait()
+        if metrics is not None:
+            metrics.process_ended(child.pid)
     return first.returncode if first.returncode >= 0 else 128 - first.returncode
+
+
+def run_with_metrics(
+    count: int,
+    settings: Settings,
+    hostname: str | None,
+    worker_args: Sequence[str],
+    *,
+    host: str,
+    port: int,
+    log_level: str,
+) -> int:
+    """`run`, with the children's metrics served at http://host:port/metrics."""
+    logs.configure(settings.log_format, log_level, settings.secrets())
+    client = sync_redis(redis_url(settings))
+    with metrics.serving(host=host, port=port, keys=settings.keys, redis_client=client) as server:
+        return run(count, settings, hostname, worker_args, metrics=server)

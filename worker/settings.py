@@ -7,6 +7,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -166,6 +167,8 @@ class Settings(BaseSettings):
     # A call's latency assumed by `estimate` before any call was measured.
     estimate_call_latency_s: float = Field(constants.DEFAULT_ESTIMATE_CALL_LATENCY_S, gt=0)
     log_level: str = "INFO"
+    # "text" (Celery's lines) or "json" (one object per line, see worker/logs.py).
+    log_format: Literal["text", "json"] = "text"
     # Most slots one worker process takes at once (default: every key's). A worker that
     # runs several processes gives each a share, so they do not poll for one another's.
     process_slots: int | None = Field(None, ge=1)
@@ -214,6 +217,10 @@ class Settings(BaseSettings):
     @functools.cached_property
     def keys(self) -> tuple[ApiKey, ...]:
         return parse_api_keys(self.api_keys.get_secret_value(), self.max_concurrency_per_key)
+
+    def secrets(self) -> list[str]:
+        """The upstream secrets, for masking them wherever text leaves the process."""
+        return [k.secret.get_secret_value() for k in self.keys]
 
     @property
     def uses_real_api(self) -> bool:

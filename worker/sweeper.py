@@ -11,7 +11,7 @@ import redis
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from worker import broker, constants
+from worker import broker, constants, keystate, metrics
 from worker.db import repository
 from worker.db.base import utcnow
 from worker.db.session import in_transaction
@@ -39,15 +39,20 @@ def sweep_once(settings: Settings) -> int:
     now = utcnow()
     stale_before = now - dt.timedelta(seconds=settings.dispatch_stale_s)
 
-    def find(session: Session) -> list[tuple[int, str]]:
+    def find(session: Session) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
         expired = repository.requeue_expired(session, now)
         queues_empty = broker.queues_empty(settings, constants.PRIORITIES)
         stale = repository.stale_queued(session, stale_before) if queues_empty else []
         for job_id in repository.unfinished_job_ids(session):
             ending.complete_job_if_done(session, job_id)
-        return expired + stale
+        return expired, stale
 
-    found = in_transaction(settings.sqlalchemy_url(), find)
+    expired, stale = in_transaction(settings.sqlalchemy_url(), find)
+    if expired:
+        metrics.SWEEPER_REQUEUED.labels("expired_lease").inc(len(expired))
+    if stale:
+        metrics.SWEEPER_REQUEUED.labels("lost_message").inc(len(stale))
+    found = expired + stale
     by_priority: dict[str, list[int]] = {}
     for request_id, priority in found:
         by_priority.setdefault(priority, []).append(request_id)
@@ -72,7 +77,9 @@ class Sweeper(threading.Thread):
     def run(self) -> None:
         client = sync_redis(redis_url(self._settings))
         interval_s = self._settings.sweep_interval_s
+        self._publish_keys(client)
         while not self._stop.wait(interval_s):
+            self._publish_keys(client)
             try:
                 if client.set(constants.SWEEPER_LOCK_KEY, "1", nx=True, px=int(interval_s * 900)):
                     sweep_once(self._settings)
@@ -80,6 +87,13 @@ class Sweeper(threading.Thread):
                 log.warning("action=sweep_failed reason=%s", type(exc).__name__)
             except Exception:  # the sweeper is the safety net: it must outlive any bug
                 log.exception("action=sweep_crashed")
+
+    def _publish_keys(self, client: redis.Redis) -> None:
+        """For the displays of processes that hold no key (the API's metrics, dashboard)."""
+        try:
+            keystate.publish(client, self._settings.keys)
+        except redis.exceptions.RedisError as exc:
+            log.warning("action=keys_unpublished reason=%s", type(exc).__name__)
 
     def stop(self) -> None:
         self._stop.set()

@@ -384,14 +384,23 @@ def test_a_200_with_usage_not_an_object_is_retryable() -> None:
 
 
 @pytest.mark.parametrize(
-    "exc_type", [httpx.ConnectError, httpx.ReadTimeout, httpx.RemoteProtocolError, httpx.ReadError]
+    ("exc_type", "expected"),
+    [
+        (httpx.ConnectError, errors.ConnectionFailed),
+        (httpx.ReadTimeout, errors.UpstreamTimeout),
+        (httpx.RemoteProtocolError, errors.ConnectionFailed),
+        (httpx.ReadError, errors.ConnectionFailed),
+    ],
 )
-def test_a_transport_failure_is_retryable(exc_type: type[httpx.TransportError]) -> None:
+def test_a_transport_failure_is_retryable(
+    exc_type: type[httpx.TransportError], expected: type[errors.RetryableError]
+) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         raise exc_type(f"boom with {SECRET}", request=request)
 
     error = call_error(handler)
-    assert type(error) is errors.RetryableError
+    assert type(error) is expected
+    assert isinstance(error, errors.RetryableError)
     assert error.status_code is None
 
 
@@ -402,7 +411,7 @@ def test_a_call_slower_than_the_timeout_is_retryable() -> None:
         await never.wait()
         return httpx.Response(200, json=SUCCESS)
 
-    with pytest.raises(errors.RetryableError) as caught:
+    with pytest.raises(errors.UpstreamTimeout) as caught:
         call(hang, timeout_s=0.05)
     assert "timed out" in caught.value.message
     assert caught.value.key_name == "alpha"

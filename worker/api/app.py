@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import functools
+from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi.staticfiles import StaticFiles
 
 from worker.api import errors
-from worker.api.routes import health, jobs, rerank
+from worker.api.routes import dashboard, health, jobs, metrics, rerank
 from worker.settings import Settings, get_settings
 
 DESCRIPTION = """Hand rerank jobs to rerank-worker over HTTP, read their results and usage.
@@ -33,6 +35,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(rerank.router)
+    app.include_router(metrics.router)
+    app.include_router(dashboard.router)
+    static = StaticFiles(directory=str(resources.files("worker.api") / "static"))
+    app.mount("/dashboard/static", static, name="dashboard-static")
     app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
     return app
 

@@ -7,7 +7,7 @@ import logging
 
 from sqlalchemy.orm import Session
 
-from worker import cache, constants
+from worker import cache, constants, metrics
 from worker.db import repository
 from worker.domain import RequestWork
 from worker.service import ending
@@ -22,21 +22,31 @@ def run_requests(request_ids: list[int]) -> int:
     from worker.pipeline import get_pipeline  # the engine and HTTP stack: workers only
 
     settings = get_settings()
-    work = run_in_transaction(functools.partial(_claim, ids=request_ids, settings=settings))
+    work, poison = run_in_transaction(functools.partial(_claim, ids=request_ids, settings=settings))
+    if poison:
+        log.error("action=poison_request requests=%d ids=%s", len(poison), _joined(poison))
+        metrics.POISON_REQUESTS.inc(len(poison))
+        metrics.REQUESTS_FINISHED.labels("failed").inc(len(poison))
     if work:
         get_pipeline(settings).run(work)
     return len(work)
 
 
-def _claim(session: Session, ids: list[int], settings: Settings) -> list[RequestWork]:
-    """One transaction per task: claim, end the jobs of poison requests, look up the cache."""
+def _joined(ids: list[int]) -> str:
+    return ",".join(map(str, ids))
+
+
+def _claim(
+    session: Session, ids: list[int], settings: Settings
+) -> tuple[list[RequestWork], list[int]]:
+    """One transaction per task: claim, end the jobs of poison requests, look up the cache.
+    Returns the work and the ids failed as poison."""
     work, poison = repository.claim_requests(
         session, ids, lease_s=settings.request_lease_s, max_deliveries=constants.MAX_DELIVERIES
     )
     if poison:
-        log.error("action=poison_request ids=%s", poison)
         ending.complete_jobs_of_requests(session, poison)
-    return _with_cache_hits(session, work)
+    return _with_cache_hits(session, work), poison
 
 
 def _with_cache_hits(session: Session, work: list[RequestWork]) -> list[RequestWork]:

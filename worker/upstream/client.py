@@ -269,13 +269,18 @@ class RerankClient:
                     await response.aclose()
                     raise
         except (TimeoutError, httpx.TimeoutException) as exc:
-            raise errors.RetryableError(
+            raise errors.UpstreamTimeout(
                 f"upstream timed out after {self.timeout_s:g}s on key '{key.name}'",
                 key_name=key.name,
             ) from exc
-        except httpx.RequestError as exc:
-            raise errors.RetryableError(
+        except httpx.TransportError as exc:
+            raise errors.ConnectionFailed(
                 f"upstream connection failed on key '{key.name}': {type(exc).__name__}",
+                key_name=key.name,
+            ) from exc
+        except httpx.RequestError as exc:  # an answer that could not be read (decoding)
+            raise errors.RetryableError(
+                f"upstream answer unreadable on key '{key.name}': {type(exc).__name__}",
                 key_name=key.name,
             ) from exc
         latency_ms = (time.perf_counter() - started) * 1000
