@@ -15,7 +15,7 @@ import kombu.exceptions
 import redis
 from kombu.connection import Connection
 
-from worker import embedded
+from worker import constants, embedded
 from worker.redis_clients import redis_url, sync_redis
 from worker.settings import Settings
 
@@ -61,6 +61,11 @@ def queued_messages(settings: Settings, queue: str) -> int:
         except amqp.exceptions.NotFound:
             return 0
         return int(count)
+
+
+def queue_depths(settings: Settings) -> dict[str, int]:
+    """Messages ready in the interactive and bulk queues, whichever the broker."""
+    return {queue: queued_messages(settings, queue) for queue in constants.PRIORITIES}
 
 
 def queues_empty(settings: Settings, queues: tuple[str, ...]) -> bool:

@@ -110,11 +110,3 @@ def read(client: redis.Redis, keys: Sequence[KeyLimits]) -> list[KeyState]:
             )
         )
     return states
-
-
-def queue_depths(client: redis.Redis) -> dict[str, int]:
-    """Messages waiting in each broker queue (kombu keeps a Redis queue as a list)."""
-    pipe = client.pipeline(transaction=False)
-    for queue in constants.PRIORITIES:
-        pipe.llen(queue)
-    return dict(zip(constants.PRIORITIES, map(int, pipe.execute()), strict=True))

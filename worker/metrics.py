@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from worker import keystate
-from worker.settings import ApiKey
+from worker import broker, keystate
+from worker.settings import ApiKey, Settings
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +148,14 @@ class RedisStateCollector(Collector):
     """Gauges of what Redis holds now, read in one round trip when the scrape comes. The
     keys are the configured ones, or (in the API, which has none) those workers published."""
 
-    def __init__(self, client: redis.Redis, keys: Sequence[ApiKey] = ()) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        queue_depths: Callable[[], dict[str, int]],
+        keys: Sequence[ApiKey] = (),
+    ) -> None:
         self._client = client
+        self._queue_depths = queue_depths
         self._keys = tuple(keys)
 
     def collect(self) -> Iterator[Metric]:
@@ -167,7 +173,7 @@ class RedisStateCollector(Collector):
 
     def _read(self) -> list[Metric]:
         states = keystate.read(self._client, keystate.known_keys(self._client, self._keys))
-        depths = keystate.queue_depths(self._client)
+        depths = self._queue_depths()
         family = functools.partial(GaugeMetricFamily, labels=["key"])
         in_use = family("rerank_key_slots_in_use", "Upstream calls a key has in flight now.")
         limit = family("rerank_key_slots_limit", "Calls a key may have in flight at once.")
@@ -243,7 +249,7 @@ def child_environment(directory: Path) -> dict[str, str]:
 
 @contextlib.contextmanager
 def serving(
-    *, host: str, port: int, keys: Sequence[ApiKey], redis_client: redis.Redis
+    *, host: str, port: int, settings: Settings, redis_client: redis.Redis
 ) -> Iterator[WorkerMetricsServer]:
     """Serve the worker's metrics for the duration of the block."""
     configured = os.environ.get(MULTIPROC_ENV)
@@ -252,7 +258,11 @@ def serving(
         directory,
         host=host,
         port=port,
-        collectors=[RedisStateCollector(redis_client, keys)],
+        collectors=[
+            RedisStateCollector(
+                redis_client, functools.partial(broker.queue_depths, settings), settings.keys
+            )
+        ],
         remove_directory=configured is None,
     )
     log.info("action=metrics_serving host=%s port=%d", host, server.port)

@@ -122,5 +122,5 @@ def run_with_metrics(
     """`run`, with the children's metrics served at http://host:port/metrics."""
     logs.configure(settings.log_format, log_level, settings.secrets())
     client = sync_redis(redis_url(settings))
-    with metrics.serving(host=host, port=port, keys=settings.keys, redis_client=client) as server:
+    with metrics.serving(host=host, port=port, settings=settings, redis_client=client) as server:
         return run(count, settings, hostname, worker_args, metrics=server)

@@ -6,7 +6,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from worker import errors, keystate
+from worker import broker, errors, keystate
 from worker.db import insight
 from worker.db.base import utcnow
 from worker.redis_clients import redis_url, sync_redis
@@ -28,7 +28,7 @@ def keys_view(settings: Settings | None = None) -> KeysView:
     settings = settings or get_settings()
     client = sync_redis(redis_url(settings))
     keys = keystate.known_keys(client, _configured_keys(settings))
-    return KeysView(keystate.read(client, keys), keystate.queue_depths(client))
+    return KeysView(keystate.read(client, keys), broker.queue_depths(settings))
 
 
 def _configured_keys(settings: Settings) -> tuple[Any, ...]:

@@ -6,6 +6,8 @@ counters are the workers' (`rerank-worker worker --metrics-port`); scrape those 
 
 from __future__ import annotations
 
+import functools
+
 from fastapi import APIRouter, Request, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -15,6 +17,7 @@ from prometheus_client import (
 )
 from starlette.concurrency import run_in_threadpool
 
+from worker import broker
 from worker.api import schemas
 from worker.api.deps import CallerDep, SettingsDep
 from worker.metrics import RedisStateCollector
@@ -29,7 +32,8 @@ def _registry(request: Request, settings: SettingsDep) -> CollectorRegistry:
     if registry is None:
         registry = CollectorRegistry()
         ProcessCollector(registry=registry)
-        registry.register(RedisStateCollector(sync_redis(redis_url(settings))))
+        depths = functools.partial(broker.queue_depths, settings)
+        registry.register(RedisStateCollector(sync_redis(redis_url(settings)), depths))
         request.app.state.metrics_registry = registry
     return registry
 
