@@ -12,14 +12,12 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from conftest import Env, wait_for
+from conftest import Env, Receiver, wait_for
 from jobs_support import make_requests, submit, wait_ok, write_jsonl
 from standardwebhooks import Webhook
 
@@ -33,67 +31,6 @@ FAST = {
     "RERANK_WEBHOOK_RETRY_SCHEDULE_S": "0.5,1",
     "RERANK_WEBHOOK_POLL_INTERVAL_S": "0.2",
 }
-
-
-@dataclass
-class Delivery:
-    headers: dict[str, str]
-    body: bytes
-
-
-@dataclass
-class Receiver:
-    """A webhook receiver: answers each POST with the next status of `answers` (then 204),
-    and keeps what it was sent. `hold` (when set) keeps the first request unanswered
-    until it is released."""
-
-    url: str = ""
-    answers: list[int] = field(default_factory=list)
-    deliveries: list[Delivery] = field(default_factory=list)
-    hold: threading.Event | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def take(self, delivery: Delivery) -> tuple[int, threading.Event | None]:
-        with self.lock:
-            self.deliveries.append(delivery)
-            first = len(self.deliveries) == 1
-            status = self.answers.pop(0) if self.answers else 204
-        return status, self.hold if first else None
-
-    def ids(self) -> list[str]:
-        with self.lock:
-            return [d.headers["webhook-id"] for d in self.deliveries]
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    found = Receiver()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["content-length"]))
-            status, hold = found.take(
-                Delivery({k.lower(): v for k, v in self.headers.items()}, body)
-            )
-            if hold is not None:
-                hold.wait(60)
-            self.send_response(status)
-            self.send_header("content-length", "0")
-            self.end_headers()
-
-        def log_message(self, *_: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    found.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/rerank"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield found
-    if found.hold is not None:
-        found.hold.set()
-    server.shutdown()
-    server.server_close()
 
 
 def notifications(job_id: str) -> list[dict[str, Any]]:
