@@ -92,6 +92,14 @@ WEBHOOK_DELIVERIES = Counter(
     ["outcome"],
 )
 # Set by whoever enforces RPM/TPM, from the key's configuration; the same in every process.
+# What an attempt's outcome (the notification's status after it) is counted as.
+_WEBHOOK_OUTCOMES = {"delivered": "delivered", "pending": "failed", "failed": "gave_up"}
+
+
+def count_webhook_attempt(status_after: str) -> None:
+    WEBHOOK_DELIVERIES.labels(_WEBHOOK_OUTCOMES[status_after]).inc()
+
+
 KEY_RPM_LIMIT = Gauge(
     "rerank_key_rpm_limit",
     "Calls a key may make in any 60 s window.",
@@ -104,6 +112,16 @@ KEY_TPM_LIMIT = Gauge(
     ["key"],
     multiprocess_mode="livemax",
 )
+
+
+def show_rate_limits(keys: Sequence[ApiKey]) -> None:
+    """The keys' rpm / tpm, for headroom alerts beside the calls and tokens counted."""
+    for key in keys:
+        if key.rpm:
+            KEY_RPM_LIMIT.labels(key.name).set(key.rpm)
+        if key.tpm:
+            KEY_TPM_LIMIT.labels(key.name).set(key.tpm)
+
 
 # labels() takes a lock and checks its arguments on every call; the hot path asks a dict.
 _call_children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}

@@ -12,28 +12,25 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
-    MetaData,
-    Table,
     case,
     func,
-    inspect,
     select,
 )
 from sqlalchemy.orm import Session
 
+from worker.db import repository
 from worker.db.models import (
     JOB_ENDED,
     Job,
-    ModelPrice,
     Request,
     RequestStatus,
     UpstreamCall,
+    UsageDaily,
 )
 
 # Recent calls are looked for among at most this many of the newest rows.
 RECENT_CALLS_ROWS = 200_000
 FAILURE_GROUPS = 20
-NOTIFICATION_TABLE = "notification"
 
 
 @dataclass(frozen=True)
@@ -196,51 +193,58 @@ def _day(session: Session, column: Any) -> Any:
 
 
 def usage_by_day(
-    session: Session, visible: ColumnElement[bool] | None, since: dt.datetime
+    session: Session,
+    visible: ColumnElement[bool] | None,
+    rollup_visible: ColumnElement[bool] | None,
+    since: dt.datetime,
 ) -> list[DailyUsage]:
-    """Billed tokens, calls and cost per UTC day, key and model since `since`."""
+    """Billed tokens, calls and cost per UTC day, key and model since `since`: the live calls
+    (of the jobs `visible` keeps) and the daily rollup of pruned jobs (`rollup_visible`)."""
     day = _day(session, UpstreamCall.created_at)
-    query = (
+    live = (
         select(
             day,
             UpstreamCall.key_name,
             UpstreamCall.model,
             func.count(),
             func.coalesce(func.sum(UpstreamCall.total_tokens), 0),
-            ModelPrice.price_per_million_tokens,
+            func.coalesce(func.sum(UpstreamCall.search_units), 0),
         )
-        .outerjoin(ModelPrice, ModelPrice.model == UpstreamCall.model)
         .where(UpstreamCall.created_at >= since)
-        .group_by(
-            day, UpstreamCall.key_name, UpstreamCall.model, ModelPrice.price_per_million_tokens
-        )
-        .order_by(day)
+        .group_by(day, UpstreamCall.key_name, UpstreamCall.model)
     )
     if visible is not None:
-        query = query.where(UpstreamCall.job_id.in_(select(Job.id).where(visible)))
+        live = live.where(UpstreamCall.job_id.in_(select(Job.id).where(visible)))
+    rolled = (
+        select(
+            UsageDaily.day,
+            UsageDaily.key_name,
+            UsageDaily.model,
+            func.sum(UsageDaily.calls),
+            func.sum(UsageDaily.total_tokens),
+            func.sum(UsageDaily.search_units),
+        )
+        .where(UsageDaily.day >= since.date())
+        .group_by(UsageDaily.day, UsageDaily.key_name, UsageDaily.model)
+    )
+    if rollup_visible is not None:
+        rolled = rolled.where(rollup_visible)
+    sums: dict[tuple[str, str, str], list[int]] = {}
+    for query in (live, rolled):
+        for when, key, model, calls, tokens, units in session.execute(query):
+            row = sums.setdefault((str(when), key, model), [0, 0, 0])
+            row[0] += int(calls)
+            row[1] += int(tokens or 0)
+            row[2] += int(units or 0)
+    prices = repository.model_prices(session)
     return [
         DailyUsage(
-            day=str(when),
+            day=when,
             key_name=key,
             model=model,
-            calls=int(calls),
-            tokens=int(tokens),
-            cost=None if price is None else float(tokens) * float(price) / 1_000_000,
+            calls=calls,
+            tokens=tokens,
+            cost=repository.price_of(prices, model, tokens, units),
         )
-        for when, key, model, calls, tokens, price in session.execute(query)
+        for (when, key, model), (calls, tokens, units) in sorted(sums.items())
     ]
-
-
-def notifications_of(session: Session, job_id: str) -> list[dict[str, Any]] | None:
-    """A job's webhook and callback deliveries, or None where the schema has none yet."""
-    bind = session.get_bind()
-    if not inspect(bind).has_table(NOTIFICATION_TABLE):
-        return None
-    table = Table(NOTIFICATION_TABLE, MetaData(), autoload_with=session.connection())
-    wanted = ("kind", "event", "target", "status", "attempts", "last_status_code", "last_error",
-              "created_at", "delivered_at")  # fmt: skip
-    columns = [table.c[name] for name in wanted if name in table.c]
-    rows = session.execute(
-        select(*columns).where(table.c.job_id == job_id).order_by(table.c.id).limit(50)
-    )
-    return [dict(row._mapping) for row in rows]

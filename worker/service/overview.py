@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from worker import broker, errors, keystate
-from worker.db import insight
+from worker.db import insight, repository
 from worker.db.base import utcnow
 from worker.redis_clients import redis_url, sync_redis
+from worker.service import read
 from worker.service.scope import OPERATOR, Scope, sessions, visible_job
 from worker.settings import Settings, get_settings
 
@@ -53,7 +54,7 @@ def jobs(
 
 
 def job_detail(job_id: str, scope: Scope, settings: Settings | None = None) -> dict[str, Any]:
-    """One job's counts, failures by type, calls by key and status, deliveries (if any)."""
+    """One job's counts, failures by type, calls by key and status, and deliveries."""
     with sessions(settings)() as session:
         visible_job(session, job_id, scope)
         (progress,) = insight.jobs_with_progress(
@@ -63,7 +64,10 @@ def job_detail(job_id: str, scope: Scope, settings: Settings | None = None) -> d
             "job": progress,
             "failures": insight.failures_by_type(session, job_id),
             "calls": insight.calls_by_key_and_status(session, job_id),
-            "notifications": insight.notifications_of(session, job_id),
+            "notifications": [
+                read.notification_summary(n)
+                for n in repository.notifications_of_job(session, job_id)
+            ],
         }
 
 
@@ -80,5 +84,6 @@ def usage_by_day(
         hour=0, minute=0, second=0, microsecond=0
     )
     with sessions(settings)() as session:
-        visible = None if scope.sees_all else scope.jobs_filter()
-        return insight.usage_by_day(session, visible, since)
+        if scope.sees_all:
+            return insight.usage_by_day(session, None, None, since)
+        return insight.usage_by_day(session, scope.jobs_filter(), scope.rollup_filter(), since)

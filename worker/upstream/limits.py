@@ -58,7 +58,7 @@ from typing import Protocol
 import redis
 import redis.asyncio as aioredis
 
-from worker import constants, errors
+from worker import constants, errors, metrics
 from worker.settings import ApiKey
 
 log = logging.getLogger(__name__)
@@ -392,6 +392,7 @@ class KeyPool:
             raise errors.ConfigError("no API keys configured")
         self._redis = redis
         self._keys = {k.name: k for k in keys}
+        metrics.show_rate_limits(keys)
         self._lease_ms = int(lease_s * 1000)
         self._prefix = prefix
         self._acquire = redis.register_script(ACQUIRE_LUA)

@@ -14,10 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker import constants
+from worker import constants, metrics
 from worker.db import repository
 from worker.db.base import utcnow
-from worker.db.models import NotificationStatus
+from worker.db.models import NotificationKind, NotificationStatus
 from worker.db.session import in_transaction
 from worker.settings import Settings, get_settings
 from worker.webhooks.schedule import RetrySchedule
@@ -78,6 +78,8 @@ class Deliverer:
             moved = in_transaction(
                 self._url, functools.partial(repository.record_attempt, record=record)
             )
+            if notification.kind == NotificationKind.WEBHOOK:
+                metrics.count_webhook_attempt(record.outcome)
             log.info(
                 "action=notification_attempt job=%s id=%s kind=%s attempt=%d status=%s "
                 "outcome=%s%s",
