@@ -11,6 +11,7 @@ from conftest import Env, api_keys
 from jobs_support import make_requests, submit, wait_ok, write_jsonl
 from sqlalchemy import func, select
 
+from worker import constants
 from worker.db.models import Base
 from worker.db.session import get_engine
 from worker.standin import ThreadedStandin
@@ -96,3 +97,17 @@ def test_a_bad_line_exits_2_naming_line_and_field_and_stores_nothing(
     assert done.returncode == 2
     assert "line 2" in done.stderr and "documents" in done.stderr
     assert row_counts(database_url) == before
+
+
+def test_estimate_applies_the_billed_to_estimated_ratio_the_workers_learnt(
+    make_env: Any, sqlite_url: str, redis_client: Any, tmp_path: Path
+) -> None:
+    env: Env = make_env(sqlite_url)
+    path = write_jsonl(tmp_path / "r.jsonl", make_requests(10))
+    plain = estimate(env, str(path))["estimated_tokens"]
+
+    redis_client.hset(constants.TOKEN_RATIO_KEY, constants.DEFAULT_MODEL, "2.5")
+    learnt = estimate(env, str(path))["estimated_tokens"]
+
+    assert plain > 0
+    assert learnt == round(plain * 2.5)
