@@ -81,14 +81,14 @@ def test_other_task_names_are_refused_naming_on_complete(name: str) -> None:
 def test_job_options_check_uses_the_settings_it_is_given() -> None:
     options = JobOptions(webhook_url="http://127.0.0.1:9/hook")
     with pytest.raises(errors.InputError, match="webhook_url"):
-        options.check(Settings(webhook_allow_private=False))
-    options.check(Settings(webhook_allow_private=True))
+        options.check(settings=Settings(webhook_allow_private=False))
+    options.check(settings=Settings(webhook_allow_private=True))
 
 
 def test_job_options_check_refuses_a_bad_callback_queue() -> None:
     options = JobOptions(on_complete="app.done", on_complete_queue="no spaces")
     with pytest.raises(errors.InputError) as caught:
-        options.check(Settings())
+        options.check(settings=Settings())
     assert caught.value.field == "on_complete_queue"
 
 
