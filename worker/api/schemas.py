@@ -41,28 +41,6 @@ class Usage(BaseModel):
     cost: float
 
 
-class Job(BaseModel):
-    """The job object: `rerank-worker status JOB --json`."""
-
-    model_config = ConfigDict(extra="allow")
-
-    id: str
-    status: JobStatusName
-    priority: str
-    source: str | None
-    total_requests: int
-    created_at: str | None
-    started_at: str | None
-    finished_at: str | None
-    total: int
-    succeeded: int
-    failed: int
-    cancelled: int
-    pending: int
-    warnings: list[str]
-    usage: Usage
-
-
 class JobSummary(BaseModel):
     """A job in a list: `rerank-worker jobs --json`."""
 
@@ -76,6 +54,18 @@ class JobSummary(BaseModel):
     created_at: str | None
     started_at: str | None
     finished_at: str | None
+
+
+class Job(JobSummary):
+    """The job object: `rerank-worker status JOB --json`."""
+
+    total: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    pending: int
+    warnings: list[str]
+    usage: Usage
 
 
 class JobList(BaseModel):
