@@ -97,6 +97,27 @@ def test_tokens_are_reserved_from_the_estimate_and_settled_with_the_billed_figur
     run(main)
 
 
+def test_a_window_of_only_refused_calls_passes_and_the_key_takes_calls_again(
+    redis_url: str,
+) -> None:
+    """Calls refused with a 429 settle at 0 tokens; when only they leave the window, the
+    script frees 0 tokens (once sent to Redis as "-0", which HINCRBY refused)."""
+
+    async def main() -> None:
+        async with connect(redis_url) as client:
+            pool = pool_of(client, key(ALPHA, tpm=3000))
+            for _ in range(2):
+                async with pool.slot(model=MODEL, estimated_tokens=1000) as lease:
+                    lease.billed_tokens = 0
+            await asyncio.sleep(WINDOW_MS / 1000)  # the window itself is what is tested
+            async with pool.slot(model=MODEL, estimated_tokens=1000) as lease:
+                assert lease.key.name == ALPHA
+                lease.billed_tokens = 900
+            assert await token_sum(client, ALPHA) == 900
+
+    run(main)
+
+
 def test_a_call_that_does_not_fit_the_token_window_waits_until_enough_leaves(
     redis_url: str,
 ) -> None:

@@ -200,7 +200,8 @@ local function tokens_wait(name, tpm)
       freed = freed + (tonumber(redis.call('HGET', amounts, member)) or 0)
       redis.call('HDEL', amounts, member)
     end
-    redis.call('HINCRBY', amounts, 'sum', -freed)
+    -- Refused calls settled at 0: -0 would reach Redis as "-0", which is not an integer.
+    if freed > 0 then redis.call('HINCRBY', amounts, 'sum', -freed) end
     redis.call('ZREMRANGEBYSCORE', times, '-inf', now - window_ms)
   end
   local sum = tonumber(redis.call('HGET', amounts, 'sum')) or 0
