@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from worker import errors
 from worker.domain import JobBudget
-from worker.upstream.budget import JobBudgets
+from worker.upstream.budget import JobBudgets, Reservation
 from worker.upstream.token_estimate import estimate_tokens
 
 DOCUMENTS = ['"some document text"'] * 4
@@ -69,3 +69,20 @@ def test_a_settled_call_replaces_its_reservation(redis_url: str) -> None:
     assert int(state[b"spent_tokens"]) == 7 and int(state[b"reserved_tokens"]) == 0
     assert float(state[b"spent_cost"]) == pytest.approx(0.007)
     assert float(state[b"reserved_cost"]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_reservation_of_nothing_settles_too(redis_url: str) -> None:
+    """A zero reservation is given back as 0, not as "-0" (which HINCRBY refuses)."""
+
+    async def run() -> dict[bytes, bytes]:
+        client = aioredis.Redis.from_url(redis_url)
+        budgets = JobBudgets(client)
+        await client.hset("rerank:budget:zero", mapping={"spent_tokens": 0, "reserved_tokens": 0})
+        await budgets.settle(Reservation("zero", 0, 0.0), 5, 0.0)
+        state = await client.hgetall("rerank:budget:zero")
+        await client.delete("rerank:budget:zero")
+        await client.aclose()
+        return dict(state)
+
+    state = asyncio.run(run())
+    assert int(state[b"spent_tokens"]) == 5 and int(state[b"reserved_tokens"]) == 0

@@ -45,13 +45,14 @@ redis.call('HINCRBYFLOAT', budget, 'reserved_cost', ARGV[4])
 return {'ok', '', ''}
 """
 
-# The reservation goes, the billed figure comes, in one step. A hash that is gone (Redis
+# The reservation goes (ARGV 1-2, negated by the caller: a Lua -0 would reach Redis as "-0",
+# which HINCRBY refuses), the billed figure comes, in one step. A hash that is gone (Redis
 # lost it) is left alone: the next reservation seeds it from SQL, which has this call.
 SETTLE_LUA = """
 local budget = KEYS[1]
 if redis.call('EXISTS', budget) == 0 then return 0 end
-redis.call('HINCRBY', budget, 'reserved_tokens', -tonumber(ARGV[1]))
-redis.call('HINCRBYFLOAT', budget, 'reserved_cost', -tonumber(ARGV[2]))
+redis.call('HINCRBY', budget, 'reserved_tokens', ARGV[1])
+redis.call('HINCRBYFLOAT', budget, 'reserved_cost', ARGV[2])
 redis.call('HINCRBY', budget, 'spent_tokens', ARGV[3])
 redis.call('HINCRBYFLOAT', budget, 'spent_cost', ARGV[4])
 return 1
@@ -116,7 +117,12 @@ class JobBudgets:
     ) -> None:
         await self._settle(
             keys=[self._key(reservation.job_id)],
-            args=[reservation.tokens, repr(reservation.cost), billed_tokens, repr(billed_cost)],
+            args=[
+                -reservation.tokens,
+                repr(-reservation.cost),
+                billed_tokens,
+                repr(billed_cost),
+            ],
         )
 
     def settle_soon(self, reservation: Reservation) -> None:
