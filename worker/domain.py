@@ -91,3 +91,16 @@ class RequestOutcome:
     tokens_saved: int = 0
     # (key, score, tokens) of every pair scored by a call, for the score cache.
     new_scores: list[tuple[bytes, float, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class OneRequestOutcome:
+    """What a one-request job (a synchronous rerank) ended with: its request's answer."""
+
+    status: str
+    model: str
+    results_json: str | None
+    total_tokens: int
+    error_type: str | None
+    error_message: str | None
+    billed_calls: int

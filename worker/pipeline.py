@@ -161,16 +161,23 @@ class Pipeline:
                         metrics.count_finished(
                             outcome.status, outcome.cache_hits, outcome.tokens_saved
                         )
-                    interactive: set[str] = set()
+                    notices: dict[str, bytes] = {}
                     with self._room:
                         for outcome in batch:
                             work = self._running.pop(outcome.request_id, None)
                             if work is not None and work.priority == constants.QUEUE_INTERACTIVE:
-                                interactive.add(work.job_id)
+                                # Two of a job's requests in one batch: neither alone ended it.
+                                notices[work.job_id] = (
+                                    completion.ENDED
+                                    if work.job_id in notices
+                                    else completion.notice_body(outcome, work.model)
+                                )
                         self._room.notify_all()
-                    if ended and interactive:
+                    if ended and notices:
                         # A synchronous caller waits for these: tell it now they are in SQL.
-                        completion.announce_ended(self._notices, ended & interactive)
+                        completion.announce_ended(
+                            self._notices, {j: notices[j] for j in ended & notices.keys()}
+                        )
             if time.monotonic() - renewed_at > self._lease_s / 3:
                 renewed_at = time.monotonic()
                 self._renew_leases()

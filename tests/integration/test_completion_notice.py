@@ -13,12 +13,13 @@ import redis
 from conftest import Env
 from jobs_support import submit, wait_ok, write_jsonl
 
-from worker import constants
+from worker import completion, constants
+from worker.db import repository
 from worker.redis_clients import async_redis
 from worker.service import control
 from worker.service import rerank as rerank_service
 from worker.service.read import job_progress
-from worker.service.scope import OPERATOR
+from worker.service.scope import OPERATOR, sessions
 from worker.service.submit import JobOptions, submit_job
 from worker.settings import get_settings
 
@@ -40,6 +41,12 @@ def test_an_interactive_jobs_end_is_announced_after_its_commit_and_a_bulk_jobs_i
     assert popped is not None, env.all_logs()[-3000:]
     # Whoever wakes on the notice reads the ended job.
     assert job_progress(interactive)["status"] == "completed"
+    # A first delivery's notice carries its outcome, the same as SQL holds.
+    carried = completion.carried_outcome(popped[1])
+    with sessions()() as session:
+        assert carried == repository.one_request_outcome(session, interactive)
+    assert carried is not None and carried.status == "succeeded" and carried.billed_calls == 1
+    assert [r["index"] for r in json.loads(carried.results_json or "")] in ([0, 1], [1, 0])
     # Taken by its waiter: nothing is left behind.
     assert not redis_client.exists(notice_key(interactive))
 

@@ -57,7 +57,7 @@ from worker.db.models import (
     UpstreamCall,
     UsageDaily,
 )
-from worker.domain import CachedScore, JobBudget, RequestOutcome, RequestWork
+from worker.domain import CachedScore, JobBudget, OneRequestOutcome, RequestOutcome, RequestWork
 
 # Core tables, for bulk statements that skip the ORM's per-row work.
 JOB_TABLE = cast(Table, Job.__table__)
@@ -1270,22 +1270,8 @@ def attempts_of_notifications(
     ).all()
 
 
-@dataclass(frozen=True)
-class OneRequestOutcome:
-    """What a one-request job (a synchronous rerank) ended with."""
-
-    job_status: str
-    status: str
-    model: str
-    results_json: str | None
-    total_tokens: int
-    error_type: str | None
-    error_message: str | None
-    billed_calls: int
-
-
 def one_request_outcome(session: Session, job_id: str) -> OneRequestOutcome | None:
-    """The job's first request with its job's status and billed calls, in one statement."""
+    """The job's first request with its billed calls, in one statement."""
     billed = (
         select(func.count())
         .where(UpstreamCall.job_id == job_id, UpstreamCall.outcome == "ok")
@@ -1293,7 +1279,6 @@ def one_request_outcome(session: Session, job_id: str) -> OneRequestOutcome | No
     )
     row = session.execute(
         select(
-            Job.status,
             Request.status,
             Request.model,
             Request.results_json,
@@ -1302,7 +1287,6 @@ def one_request_outcome(session: Session, job_id: str) -> OneRequestOutcome | No
             Request.error_message,
             billed,
         )
-        .join(Job, Job.id == Request.job_id)
         .where(Request.job_id == job_id)
         .order_by(Request.position)
         .limit(1)

@@ -3,8 +3,9 @@
 It takes the path every job takes (submit's validation and storage, the interactive queue, the
 workers' key limits, score cache and usage), so a request larger than one upstream call is split
 and merged as in any job. Then it waits for the job's end notice, which a worker pushes once the
-outcome is committed (worker/completion.py), reads the outcome from SQL once, and answers the
-ranking, or raises RerankFailed with the request's error type.
+outcome is committed (worker/completion.py) and which mostly carries that outcome; otherwise it
+reads the outcome from SQL once. It answers the ranking, or raises RerankFailed with the
+request's error type.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import redis.asyncio as aioredis
 from worker import completion, constants, errors
 from worker.db import repository
 from worker.db.models import JOB_ENDED, RequestStatus
+from worker.domain import OneRequestOutcome
 from worker.service import control
 from worker.service.scope import Scope, sessions
 from worker.service.submit import JobOptions, submit_job
@@ -84,9 +86,11 @@ async def rerank(
     job_id = await anyio.to_thread.run_sync(_submit, request, scope, settings, source)
     submitted = time.perf_counter()
     limit_s = timeout_s if timeout_s is not None else settings.sync_timeout_s
-    await wait_for_end(job_id, scope, redis_client, settings, limit_s)
+    outcome = await wait_for_end(job_id, scope, redis_client, settings, limit_s)
     ended = time.perf_counter()
-    ranking = await anyio.to_thread.run_sync(_read, job_id, request, settings)
+    if outcome is None:
+        outcome = await anyio.to_thread.run_sync(_read, job_id, settings)
+    ranking = _ranking(job_id, request, outcome)
     ranking.timings_ms = {
         "submit": (submitted - started) * 1000,
         "wait": (ended - submitted) * 1000,
@@ -113,20 +117,22 @@ def _submit(request: RerankInput, scope: Scope, settings: Settings, source: str)
 
 async def wait_for_end(
     job_id: str, scope: Scope, client: aioredis.Redis, settings: Settings, limit_s: float
-) -> None:
-    """Until the job's notice comes, or its row says it ended (a notice may be lost); at the
-    deadline the job is cancelled, so that nobody pays for an answer nobody waits for."""
+) -> OneRequestOutcome | None:
+    """Until the job's notice comes, or its row says it ended (a notice may be lost); the
+    outcome if the notice carried it. At the deadline the job is cancelled, so that nobody
+    pays for an answer nobody waits for."""
     deadline = time.monotonic() + limit_s
     while (left_s := deadline - time.monotonic()) > 0:
         look_s = min(left_s, constants.SYNC_STATUS_CHECK_S)
         try:
-            if await completion.wait_notice(client, job_id, look_s):
-                return
+            body = await completion.wait_notice(client, job_id, look_s)
+            if body is not None:
+                return completion.carried_outcome(body)
         except redis.exceptions.RedisError as exc:
             log.warning("action=sync_notice_unavailable job=%s reason=%s", job_id, exc)
             await anyio.sleep(look_s)
         if await anyio.to_thread.run_sync(_has_ended, job_id, settings):
-            return
+            return None
     await anyio.to_thread.run_sync(_cancel, job_id, scope, settings)
     raise errors.RerankTimedOut(f"the rerank did not end within {limit_s:g} s", job_id=job_id)
 
@@ -140,11 +146,15 @@ def _cancel(job_id: str, scope: Scope, settings: Settings) -> None:
     control.cancel_job(job_id, settings, scope)
 
 
-def _read(job_id: str, request: RerankInput, settings: Settings) -> Ranking:
+def _read(job_id: str, settings: Settings) -> OneRequestOutcome:
     with sessions(settings)() as session:
         outcome = repository.one_request_outcome(session, job_id)
     if outcome is None:
         raise errors.JobNotFound(f"no job with id '{job_id}'")
+    return outcome
+
+
+def _ranking(job_id: str, request: RerankInput, outcome: OneRequestOutcome) -> Ranking:
     if outcome.status != RequestStatus.SUCCEEDED:
         kind = outcome.error_type or outcome.status
         message = outcome.error_message or f"the rerank ended {outcome.status}"
