@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from worker import broker, catalog, constants, errors, ingest
 from worker.db import repository
 from worker.db.base import utcnow
-from worker.db.models import Job, JobStatus, RequestStatus
+from worker.db.models import JobStatus, RequestStatus
 from worker.service.scope import run_in_transaction, sessions
 from worker.settings import Settings, get_settings
 from worker.webhooks import targets
@@ -287,22 +287,22 @@ def submit_job(
             try:
                 repository.insert_job(
                     session,
-                    Job(
-                        id=job_id,
-                        status=JobStatus.QUEUED,
-                        priority=options.priority,
-                        source=_stored_source(source),
-                        tenant_id=tenant_id,
-                        idempotency_key=options.idempotency_key,
-                        use_cache=options.use_cache,
-                        webhook_url=options.webhook_url,
-                        on_complete=options.on_complete,
-                        on_complete_queue=(
+                    {
+                        "id": job_id,
+                        "status": JobStatus.QUEUED,
+                        "priority": options.priority,
+                        "source": _stored_source(source),
+                        "tenant_id": tenant_id,
+                        "idempotency_key": options.idempotency_key,
+                        "use_cache": options.use_cache,
+                        "webhook_url": options.webhook_url,
+                        "on_complete": options.on_complete,
+                        "on_complete_queue": (
                             options.on_complete_queue if options.on_complete else None
                         ),
-                        max_tokens=options.max_tokens,
-                        max_cost=options.max_cost,
-                    ),
+                        "max_tokens": options.max_tokens,
+                        "max_cost": options.max_cost,
+                    },
                 )
             except IntegrityError:
                 # The same key's submit at the same moment (another API process) stored
@@ -331,10 +331,9 @@ def submit_job(
                     lines, default_model=model, default_top_n=options.top_n, limits=limits
                 )
                 stored = _store_requests(session, job_id, requests, warnings, cap)
-            job = session.get(Job, job_id)
-            assert job is not None
-            job.total_requests = stored.requests
-            job.warnings = json.dumps(warnings) if warnings else None
+            repository.set_job_totals(
+                session, job_id, stored.requests, json.dumps(warnings) if warnings else None
+            )
             session.commit()
         except BaseException:
             session.rollback()
