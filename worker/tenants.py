@@ -126,8 +126,13 @@ def verify_token(token: str, settings: Settings) -> Caller | None:
     prefix = _prefix_of(token)
     if prefix is None:
         return None
+    # The columns, not the ORM object: every API call comes through here.
     with sessions(settings)() as session:
-        tenant = session.scalar(select(Tenant).where(Tenant.token_prefix == prefix))
+        tenant = session.execute(
+            select(
+                Tenant.id, Tenant.name, Tenant.is_admin, Tenant.token_hash, Tenant.revoked_at
+            ).where(Tenant.token_prefix == prefix)
+        ).first()
     if tenant is None or tenant.revoked_at is not None:
         return None
     if not hmac.compare_digest(tenant.token_hash, _hash(token)):

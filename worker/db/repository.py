@@ -193,10 +193,15 @@ def list_jobs(
     return session.scalars(query).all()
 
 
+# Fewer rows than this go in one INSERT: COPY's setup costs more round trips than they do.
+COPY_MIN_ROWS = 64
+
+
 def insert_requests(session: Session, rows: list[dict[str, Any]]) -> list[int]:
     """Bulk insert; the new ids come back in the order of `rows`.
 
-    On PostgreSQL the ids are drawn from the sequence first and the rows sent by COPY.
+    On PostgreSQL the ids are drawn from the sequence first and the rows sent by COPY, whose
+    errors name the column of a refused value.
     """
     table = REQUEST_TABLE
     if not _on_postgresql(session):
@@ -233,12 +238,18 @@ def insert_documents(session: Session, rows: Iterable[DocumentRow]) -> int:
     """Bulk insert inside the session's transaction; returns the number of rows.
 
     `rows` may be a generator still reading the input: PostgreSQL takes them all in one
-    COPY, so the server stores rows while the caller parses the next ones. Other
-    databases get multi-row INSERTs of DOCUMENT_INSERT_BATCH rows.
+    COPY, so the server stores rows while the caller parses the next ones. Fewer than
+    COPY_MIN_ROWS, and other databases, get multi-row INSERTs of DOCUMENT_INSERT_BATCH rows.
     """
     with _refused_values("document"):
         if _on_postgresql(session):
-            return _copy(session, "document", DOCUMENT_COLUMNS, rows)
+            iterator = iter(rows)
+            first = list(itertools.islice(iterator, COPY_MIN_ROWS))
+            if len(first) == COPY_MIN_ROWS:
+                return _copy(
+                    session, "document", DOCUMENT_COLUMNS, itertools.chain(first, iterator)
+                )
+            rows = first
         count = 0
         for batch in _chunks(rows, DOCUMENT_INSERT_BATCH):
             session.execute(
