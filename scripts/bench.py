@@ -25,6 +25,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
@@ -50,6 +51,10 @@ from worker.db.models import Job, Request, UpstreamCall
 from worker.db.session import get_sessionmaker
 from worker.settings import Settings, get_settings
 from worker.standin.scoring import rank
+
+# The cluster maker of the tests (tests/ is no package).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from own_postgres import OwnPostgres
 
 PG_ADMIN = os.environ.get("RERANK_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 KEYS = {f"k{i}": f"sk-bench-{i}-{uuid.uuid4().hex[:12]}" for i in range(1, 5)}
@@ -139,7 +144,7 @@ class Services:
 
 @contextlib.contextmanager
 def services(
-    latency_ms: float = LATENCY_MS, standin_args: Sequence[str] = ()
+    latency_ms: float = LATENCY_MS, standin_args: Sequence[str] = (), pg_admin: str = PG_ADMIN
 ) -> Iterator[Services]:
     workdir = Path(tempfile.mkdtemp(prefix="rerank-bench-"))
     port_file = workdir / "standin.port"
@@ -156,9 +161,9 @@ def services(
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
     db_name = f"rerank_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+    with psycopg.connect(pg_admin, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{db_name}"')
-    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    base = pg_admin.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
     try:
         deadline = time.monotonic() + 20
         while not (port_file.exists() and port_file.read_text().strip()):
@@ -182,7 +187,7 @@ def services(
         for process in (standin, redis):
             process.terminate()
             process.wait(timeout=10)
-        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        with psycopg.connect(pg_admin, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
 
 
@@ -1174,6 +1179,139 @@ def billed_tokens(requests: int, docs: int, factor: float) -> int:
     return round(total * factor)
 
 
+# What an upstream call costs the shared servers: counted on a PostgreSQL cluster of the
+# bench's own (pg_stat_statements must be preloaded, which the machine's cluster is not).
+PG_STATEMENT_SETTINGS = {
+    "shared_preload_libraries": "pg_stat_statements",
+    "pg_stat_statements.track": "all",
+}
+
+
+def postgres_cpu_s(postmaster: int) -> float:
+    """CPU of a cluster: its live processes, and the backends it has reaped (cutime)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    fields = Path(f"/proc/{postmaster}/stat").read_text().rsplit(")", 1)[1].split()
+    return cpu_s(postmaster) + (int(fields[13]) + int(fields[14])) / ticks
+
+
+@dataclass(frozen=True)
+class ServerCounts:
+    redis_calls: dict[str, int]
+    redis_cpu_s: float
+    postgres_cpu_s: float
+
+
+def server_counts(redis_client: Any, postmaster: int) -> ServerCounts:
+    stats = redis_client.info("commandstats")
+    cpu = redis_client.info("cpu")
+    return ServerCounts(
+        redis_calls={name.removeprefix("cmdstat_"): v["calls"] for name, v in stats.items()},
+        redis_cpu_s=float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
+        postgres_cpu_s=postgres_cpu_s(postmaster),
+    )
+
+
+def per_call_text(counts: dict[str, float], calls: int) -> str:
+    """'evalsha 2.01, get 0.5' for the counts of at least 0.01 per call, largest first."""
+    shares = sorted(((n / calls, name) for name, n in counts.items()), reverse=True)
+    return ", ".join(f"{name} {share:.2f}" for share, name in shares if share >= 0.01)
+
+
+def statement_kind(query: str) -> str:
+    """A statement's verb (and a COPY's table); the foreign-key checks that PostgreSQL runs
+    for each row written are told apart."""
+    if "FOR KEY SHARE OF x" in query:
+        return "foreign-key check"
+    words = query.split(None, 2)
+    if words[:1] == ["COPY"]:
+        return f"COPY {words[1]}"
+    return words[0].upper() if words else "?"
+
+
+def bench_capacity(requests: int, docs: int) -> list[Row]:
+    """One bulk job (submit to completed, default worker, Redis as broker) and what each of
+    its upstream calls cost Redis and PostgreSQL: commands (those its scripts run included)
+    and statements (those PostgreSQL runs for them, foreign-key checks, included), transactions,
+    and the servers' CPU. A ceiling is the calls/s at which that server would use a whole
+    core for this work alone (Redis runs commands on one core; PostgreSQL on as many as it
+    is given)."""
+    import redis
+
+    base = Path(tempfile.mkdtemp(prefix="rerank-bench-pg-", dir="/tmp"))
+    base.chmod(0o755)
+    cluster = OwnPostgres(base, free_port())
+    cluster.initdb()
+    cluster.start(PG_STATEMENT_SETTINGS)
+    try:
+        pg_admin = f"postgresql://postgres@127.0.0.1:{cluster.port}/postgres"
+        postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
+        with services(pg_admin=pg_admin) as svc:
+            env = svc.env()
+            settings = database_settings(env)
+            database = psycopg.connect(
+                svc.database_url.replace("postgresql+psycopg://", "postgresql://"),
+                autocommit=True,
+            )
+            database.execute("CREATE EXTENSION pg_stat_statements")
+            redis_client = redis.Redis.from_url(svc.redis_url)
+            path = svc.workdir / "requests.jsonl"
+            write_requests(path, requests, docs)
+            with worker(env) as process:
+                time.sleep(3)  # let the worker connect before the counts start
+                redis_client.config_resetstat()
+                database.execute("SELECT pg_stat_statements_reset()")
+                before = server_counts(redis_client, postmaster)
+                job_id = cli(env, "submit", str(path)).stdout.strip().splitlines()[-1]
+                status = wait_job(settings, job_id)
+                after = server_counts(redis_client, postmaster)
+                statements: dict[str, float] = {}
+                transactions = 0
+                for query, count in database.execute(
+                    "SELECT query, calls FROM pg_stat_statements "
+                    "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                ):
+                    kind = statement_kind(query)
+                    if kind in {"BEGIN", "COMMIT", "ROLLBACK"}:
+                        transactions += count if kind == "BEGIN" else 0
+                        continue
+                    statements[kind] = statements.get(kind, 0) + count
+                assert process.poll() is None, "the worker exited during the run"
+            database.close()
+            calls = svc.stats()["total"]["ok"]
+    finally:
+        cluster.stop(mode="immediate")
+        shutil.rmtree(base, ignore_errors=True)
+    redis_calls = {
+        name: n - before.redis_calls.get(name, 0) for name, n in after.redis_calls.items()
+    }
+    redis_us = 1e6 * (after.redis_cpu_s - before.redis_cpu_s) / calls
+    postgres_us = 1e6 * (after.postgres_cpu_s - before.postgres_cpu_s) / calls
+    common = {"items": f"{requests} requests, {calls} calls", "succeeded": status["succeeded"]}
+    return [
+        Row(
+            "Redis (limits, and Celery's broker here)",
+            {
+                **common,
+                "ops_per_call": round(sum(redis_calls.values()) / calls, 2),
+                "ops_detail": per_call_text(redis_calls, calls),
+                "server_cpu_us_per_call": round(redis_us, 1),
+                "ceiling_calls_per_s": round(1e6 / redis_us),
+            },
+        ),
+        Row(
+            "PostgreSQL",
+            {
+                **common,
+                "ops_per_call": round(sum(statements.values()) / calls, 2),
+                "ops_detail": per_call_text(statements, calls),
+                "transactions_per_call": round(transactions / calls, 2),
+                "server_cpu_us_per_call": round(postgres_us, 1),
+                "ceiling_calls_per_s": round(1e6 / postgres_us),
+            },
+        ),
+    ]
+
+
 # Column key -> header, in table order. A figure whose key is not here gets a column of its
 # own at the end, headed by the key.
 COLUMNS = {
@@ -1207,6 +1345,11 @@ COLUMNS = {
     "calls_span_s": "first call to last s",
     "limits": "key limits",
     "per_1000_calls_429": "429s per 1,000 calls",
+    "ops_per_call": "commands or statements per call",
+    "ops_detail": "of which, per call",
+    "transactions_per_call": "transactions per call",
+    "server_cpu_us_per_call": "server CPU µs per call",
+    "ceiling_calls_per_s": "calls/s at one core",
 }
 
 TARGETS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
@@ -1220,6 +1363,7 @@ TARGETS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "interactive": lambda a: bench_interactive(a.bulk_requests, a.samples, a.docs),
     "sync": lambda a: bench_sync(a.sync_samples, a.sync_bulk_requests, a.docs),
     "upload": lambda a: bench_upload(a.corpus_docs),
+    "capacity": lambda a: bench_capacity(a.capacity_requests, a.docs),
     "limits": lambda a: bench_limits(a.limits_rpm, a.limits_calls, a.limits_window_s, a.docs),
 }
 
@@ -1259,6 +1403,9 @@ def main() -> None:
     parser.add_argument("--cache-docs", type=int, default=100_000, help="cache: corpus size")
     parser.add_argument(
         "--cache-edit-every", type=int, default=100, help="cache: revise 1 in N documents"
+    )
+    parser.add_argument(
+        "--capacity-requests", type=int, default=8000, help="capacity: the job counted"
     )
     parser.add_argument("--limits-rpm", type=int, default=60, help="limits: R (60 s window)")
     parser.add_argument("--limits-calls", type=int, default=1000, help="limits: bound jobs")
