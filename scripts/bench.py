@@ -25,7 +25,6 @@ import json
 import os
 import random
 import resource
-import shutil
 import socket
 import statistics
 import subprocess
@@ -54,7 +53,7 @@ from worker.standin.scoring import rank
 
 # The cluster maker of the tests (tests/ is no package).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from own_postgres import OwnPostgres
+from own_postgres import started_cluster
 
 PG_ADMIN = os.environ.get("RERANK_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 KEYS = {f"k{i}": f"sk-bench-{i}-{uuid.uuid4().hex[:12]}" for i in range(1, 5)}
@@ -1237,14 +1236,8 @@ def bench_capacity(requests: int, docs: int) -> list[Row]:
     is given)."""
     import redis
 
-    base = Path(tempfile.mkdtemp(prefix="rerank-bench-pg-", dir="/tmp"))
-    base.chmod(0o755)
-    cluster = OwnPostgres(base, free_port())
-    cluster.initdb()
-    cluster.start(PG_STATEMENT_SETTINGS)
-    try:
+    with started_cluster(free_port(), settings=PG_STATEMENT_SETTINGS) as cluster:
         pg_admin = f"postgresql://postgres@127.0.0.1:{cluster.port}/postgres"
-        postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
         with services(pg_admin=pg_admin) as svc:
             env = svc.env()
             settings = database_settings(env)
@@ -1260,10 +1253,10 @@ def bench_capacity(requests: int, docs: int) -> list[Row]:
                 time.sleep(3)  # let the worker connect before the counts start
                 redis_client.config_resetstat()
                 database.execute("SELECT pg_stat_statements_reset()")
-                before = server_counts(redis_client, postmaster)
+                before = server_counts(redis_client, cluster.postmaster_pid)
                 job_id = cli(env, "submit", str(path)).stdout.strip().splitlines()[-1]
                 status = wait_job(settings, job_id)
-                after = server_counts(redis_client, postmaster)
+                after = server_counts(redis_client, cluster.postmaster_pid)
                 statements: dict[str, float] = {}
                 transactions = 0
                 for query, count in database.execute(
@@ -1271,16 +1264,13 @@ def bench_capacity(requests: int, docs: int) -> list[Row]:
                     "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
                 ):
                     kind = statement_kind(query)
-                    if kind in {"BEGIN", "COMMIT", "ROLLBACK"}:
-                        transactions += count if kind == "BEGIN" else 0
-                        continue
-                    statements[kind] = statements.get(kind, 0) + count
+                    if kind == "BEGIN":
+                        transactions += count
+                    elif kind not in {"COMMIT", "ROLLBACK"}:
+                        statements[kind] = statements.get(kind, 0) + count
                 assert process.poll() is None, "the worker exited during the run"
             database.close()
             calls = svc.stats()["total"]["ok"]
-    finally:
-        cluster.stop(mode="immediate")
-        shutil.rmtree(base, ignore_errors=True)
     redis_calls = {
         name: n - before.redis_calls.get(name, 0) for name, n in after.redis_calls.items()
     }

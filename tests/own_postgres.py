@@ -3,11 +3,13 @@ database and for benchmarks that need server settings the machine's shared clust
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
 import subprocess
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 
@@ -88,6 +90,10 @@ class OwnPostgres:
         self.start()
 
     @property
+    def postmaster_pid(self) -> int:
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
+    @property
     def running(self) -> bool:
         done = subprocess.run(
             [*self._as_postgres, str(self._bindir / "pg_ctl"), "-D", str(self.data), "status"],
@@ -102,3 +108,29 @@ class OwnPostgres:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def started_cluster(
+    port: int,
+    *,
+    listen: str = "127.0.0.1",
+    trust: Sequence[str] = (),
+    settings: Mapping[str, str] | None = None,
+) -> Iterator[OwnPostgres]:
+    """A new cluster, started with server parameters `settings` and letting clients from the
+    `trust` networks in; stopped and its files removed afterwards. It lives under /tmp, not
+    a test's tmp_path: the postgres user must be able to reach it."""
+    base = Path(tempfile.mkdtemp(prefix="rerank-pg-", dir="/tmp"))
+    base.chmod(0o755)
+    server = OwnPostgres(base, port, listen=listen)
+    try:
+        server.initdb()
+        for cidr in trust:
+            server.trust(cidr)
+        server.start(settings)
+        yield server
+    finally:
+        if server.data.exists() and server.running:
+            server.stop(mode="immediate")
+        shutil.rmtree(base, ignore_errors=True)

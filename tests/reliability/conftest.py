@@ -21,7 +21,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 
 import pytest
 import redis
-from own_postgres import OwnPostgres
+from own_postgres import OwnPostgres, started_cluster
 
 from worker import embedded
 from worker.db import migrate
@@ -226,19 +225,11 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
 @pytest.fixture
 def own_postgres() -> Iterator[OwnPostgres]:
     """A fresh cluster on a free port, migrated to head; stopped and removed at teardown."""
-    # Under /tmp, not pytest's tmp_path: the postgres user must be able to reach it.
-    base = Path(tempfile.mkdtemp(prefix="rerank-pg-", dir="/tmp"))
-    base.chmod(0o755)
-    server = OwnPostgres(base, free_port())
-    try:
-        server.initdb()
-        server.start()
-        migrate.upgrade(server.url)
-        yield server
-    finally:
-        from worker.db.session import get_engine
+    from worker.db.session import get_engine
 
-        get_engine(server.url).dispose()
-        if server.data.exists() and server.running:
-            server.stop(mode="immediate")
-        shutil.rmtree(base, ignore_errors=True)
+    with started_cluster(free_port()) as server:
+        try:
+            migrate.upgrade(server.url)
+            yield server
+        finally:
+            get_engine(server.url).dispose()

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any
 import pytest
 from conftest import SECRETS, Env, OwnPostgres, OwnRedis, api_keys, free_port, wait_for
 from jobs_support import expected_results, make_requests, results_of, submit, wait_ok, write_jsonl
+from own_postgres import started_cluster
 from sqlalchemy import select
 
 from worker.db import migrate
@@ -139,20 +139,12 @@ def services_redis(tmp_path: Path) -> Iterator[OwnRedis]:
 
 @pytest.fixture
 def services_postgres() -> Iterator[OwnPostgres]:
-    base = Path(tempfile.mkdtemp(prefix="rerank-pg-", dir="/tmp"))
-    base.chmod(0o755)
-    server = OwnPostgres(base, free_port(), listen="*")
-    try:
-        server.initdb()
-        server.trust("10.213.0.0/16")
-        server.start()
-        migrate.upgrade(server.url)
-        yield server
-    finally:
-        get_engine(server.url).dispose()
-        if server.data.exists() and server.running:
-            server.stop(mode="immediate")
-        shutil.rmtree(base, ignore_errors=True)
+    with started_cluster(free_port(), listen="*", trust=["10.213.0.0/16"]) as server:
+        try:
+            migrate.upgrade(server.url)
+            yield server
+        finally:
+            get_engine(server.url).dispose()
 
 
 def taken_over(url: str, job_id: str) -> int:
