@@ -381,6 +381,51 @@ def bench_throughput(requests: int, docs: int, worker_args: list[str]) -> list[R
     return [Row(REFERENCE, reference), Row("rerank-worker, 1 worker", figures)]
 
 
+def bench_start(requests: int, docs: int, runs: int) -> list[Row]:
+    """How soon a large job starts: `runs` submits of a fresh requests file (new documents
+    each time, so no answer comes from the cache) to one idle worker, each job cancelled once
+    its first upstream call is recorded. Submit time is the CLI's wall time."""
+    submit_s: list[float] = []
+    first_call_s: list[float] = []
+    with services() as svc:
+        env = svc.env()
+        settings = database_settings(env)
+        with worker(env):
+            time.sleep(3)  # let the worker connect before the clock starts
+            for run in range(runs):
+                path = svc.workdir / f"start-{run}.jsonl"
+                write_requests(path, requests, docs, seed=100 + run)
+                submitted_at, started = utcnow(), time.monotonic()
+                job_id = cli(env, "submit", str(path)).stdout.strip().splitlines()[-1]
+                submit_s.append(time.monotonic() - started)
+                wait_until(
+                    lambda job=job_id: has_call(settings, job), 60, f"job {job_id}'s first call"
+                )
+                first_call_s.append(first_call_after_ms(settings, job_id, submitted_at) / 1000)
+                cli(env, "cancel", job_id)
+                wait_job(settings, job_id, timeout_s=120)
+
+    def spread(values: list[float]) -> str:
+        return f"{statistics.median(values):.2f} ({min(values):.2f} to {max(values):.2f})"
+
+    figures = {
+        "items": f"{requests} requests x {runs}",
+        "submit_s": spread(submit_s),
+        "first_call_s": spread(first_call_s),
+    }
+    return [Row("start of a large job, 1 worker", figures)]
+
+
+def has_call(settings: Settings, job_id: str) -> bool:
+    from worker.service.scope import sessions
+
+    with sessions(settings)() as session:
+        found = session.scalar(
+            select(UpstreamCall.id).where(UpstreamCall.job_id == job_id).limit(1)
+        )
+    return found is not None
+
+
 @dataclass
 class Measured:
     """One child process's wall time, peak resident memory and output."""
@@ -1311,6 +1356,7 @@ COLUMNS = {
     "percent_of_limit": "% of limit",
     "percent_of_reference": "% of reference calls/s",
     "first_call_s": "first call after s",
+    "submit_s": "submit s",
     "cpu_ms_per_call": "CPU ms/call",
     "reference_cpu_ms_per_call": "reference CPU ms/call",
     "standin_cpu_ms_per_call": "stand-in CPU ms/call",
@@ -1354,6 +1400,7 @@ TARGETS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "sync": lambda a: bench_sync(a.sync_samples, a.sync_bulk_requests, a.docs),
     "upload": lambda a: bench_upload(a.corpus_docs),
     "capacity": lambda a: bench_capacity(a.capacity_requests, a.docs),
+    "start": lambda a: bench_start(a.requests, a.docs, a.start_runs),
     "limits": lambda a: bench_limits(a.limits_rpm, a.limits_calls, a.limits_window_s, a.docs),
 }
 
@@ -1397,6 +1444,7 @@ def main() -> None:
     parser.add_argument(
         "--capacity-requests", type=int, default=8000, help="capacity: the job counted"
     )
+    parser.add_argument("--start-runs", type=int, default=5, help="start: jobs submitted")
     parser.add_argument("--limits-rpm", type=int, default=60, help="limits: R (60 s window)")
     parser.add_argument("--limits-calls", type=int, default=1000, help="limits: bound jobs")
     parser.add_argument(
