@@ -51,6 +51,9 @@ REDIS_RETRY_MAX_S = 2.0
 
 # Requests are claimed with a lease in SQL; the sweeper re-enqueues expired ones.
 REQUEST_LEASE_S = 30.0
+# A large submit stores its job batch by batch, renewing this lease each time; a job whose
+# lease ran out (its submit died) is failed by the sweeper.
+STORING_LEASE_S = 30.0
 SWEEP_INTERVAL_S = 5.0
 # A queued request whose message is older than this, with its queue empty, is re-sent.
 DISPATCH_STALE_S = 30.0

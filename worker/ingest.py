@@ -53,7 +53,7 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-@dataclass
+@dataclass(slots=True)
 class DocumentInput:
     """A document as given (`content` is its JSON text) and, in corpus files, its `id`."""
 
@@ -130,12 +130,15 @@ def _text_line(raw: str, line_no: int) -> str:
 
 
 def _parsed_lines(
-    lines: Iterable[bytes | str], text_fields: tuple[str, ...], max_line_bytes: int
+    lines: Iterable[bytes | str],
+    text_fields: tuple[str, ...],
+    max_line_bytes: int,
+    first_line_no: int = 1,
 ) -> Iterator[tuple[int, str, Any]]:
     """(line number, text, JSON value) of each line that is not blank; InputError for a
     line over the cap, not UTF-8, not JSON, or holding what no database stores."""
     loads = json.loads
-    for line_no, raw in enumerate(lines, start=1):
+    for line_no, raw in enumerate(lines, start=first_line_no):
         if line_no == 1:
             raw = _without_byte_order_mark(raw)
         if not raw.strip():
@@ -237,8 +240,9 @@ def _check_characters(text: str, value: Any, line_no: int, text_fields: Iterable
                 )
 
 
-# One encoder for every document: json.dumps with options builds a new one per call.
-_encode_string = json.JSONEncoder(ensure_ascii=False).encode
+# A string as JSON text, non-ASCII kept: the C function that json.dumps(s, ensure_ascii=False)
+# ends in, without its per-call set-up.
+_encode_string = json.encoder.encode_basestring
 DOCUMENT_KINDS = ("text", "image")
 
 
@@ -366,16 +370,14 @@ def _documents(raw_documents: Any, line_no: int, limits: Limits) -> list[Documen
             over_cap(len(raw_documents), "documents", cap), line=line_no, field="documents"
         )
     max_chars = limits.max_document_chars
-    documents = []
-    for i, doc in enumerate(raw_documents):
-        # The common case, a plain string within its cap, without a call or a field name.
-        if type(doc) is str and len(doc) <= max_chars and doc.strip():
-            documents.append(DocumentInput(_encode_string(doc), is_image=False))
-        else:
-            documents.append(
-                parse_document(doc, line_no=line_no, where=f"documents[{i}]", max_chars=max_chars)
-            )
-    return documents
+    # The common case, plain strings within their cap: built in one comprehension, without
+    # a call or a field name per document (this loop is most of a large file's parse).
+    if all(type(doc) is str and len(doc) <= max_chars and doc.strip() for doc in raw_documents):
+        return [DocumentInput(_encode_string(doc), False) for doc in raw_documents]
+    return [
+        parse_document(doc, line_no=line_no, where=f"documents[{i}]", max_chars=max_chars)
+        for i, doc in enumerate(raw_documents)
+    ]
 
 
 def parse_request(
@@ -440,11 +442,15 @@ def iter_requests(
     default_model: str,
     default_top_n: int | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    first_line_no: int = 1,
+    first_position: int = 0,
 ) -> Iterator[RequestInput]:
-    """Yield validated requests; raise InputError at the first bad line."""
+    """Yield validated requests; raise InputError at the first bad line. `lines` may be the
+    rest of a file, from line `first_line_no` and request `first_position` on."""
     seen: dict[str, int] = {}
-    position = 0
-    for line_no, text, value in _parsed_lines(lines, REQUEST_TEXT_FIELDS, limits.max_line_bytes):
+    position = first_position
+    parsed = _parsed_lines(lines, REQUEST_TEXT_FIELDS, limits.max_line_bytes, first_line_no)
+    for line_no, text, value in parsed:
         try:
             request = parse_request(
                 value,

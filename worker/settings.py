@@ -162,6 +162,7 @@ class Settings(BaseSettings):
     backoff_base_s: float = Field(constants.DEFAULT_BACKOFF_BASE_S, ge=0)
     backoff_cap_s: float = Field(constants.DEFAULT_BACKOFF_CAP_S, ge=0)
     request_lease_s: float = Field(constants.REQUEST_LEASE_S, gt=0)
+    storing_lease_s: float = Field(constants.STORING_LEASE_S, gt=0)
     sweep_interval_s: float = Field(constants.SWEEP_INTERVAL_S, gt=0)
     dispatch_stale_s: float = Field(constants.DISPATCH_STALE_S, gt=0)
     # A call's latency assumed by `estimate` before any call was measured.

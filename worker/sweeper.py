@@ -28,11 +28,14 @@ SWEEP_ERRORS: tuple[type[Exception], ...] = (
     *broker.BROKER_ERRORS,
 )
 
+UNSTORED_REASON = "the submit stopped before the whole file was stored; submit it again"
+
 
 def sweep_once(settings: Settings) -> int:
     """Re-enqueue what no worker holds any more; complete jobs with nothing pending.
 
-    Expired leases (a dead worker's requests) go back to the queue at once; queued
+    A job whose submit stopped storing it (its storing lease ran out) is failed. Expired
+    leases (a dead worker's requests) go back to the queue at once; queued
     requests whose message is old are re-sent when the queues are empty (the broker
     lost them: a flush, a restart without persistence, a submit while it was down).
     """
@@ -40,6 +43,9 @@ def sweep_once(settings: Settings) -> int:
     stale_before = now - dt.timedelta(seconds=settings.dispatch_stale_s)
 
     def find(session: Session) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+        for job_id in repository.unstored_jobs(session, now):
+            log.warning("action=unstored_job_failed job=%s", job_id)
+            ending.fail_unstored_job(session, job_id, UNSTORED_REASON)
         expired = repository.requeue_expired(session, now)
         queues_empty = broker.queues_empty(settings, constants.PRIORITIES)
         stale = repository.stale_queued(session, stale_before) if queues_empty else []

@@ -285,29 +285,27 @@ def test_several_api_processes_serve_one_database(
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_one_key_sent_twice_at_once_makes_one_job(api_server: ApiServer) -> None:
-    """The second submit waits on the first's row for the key, then answers its job."""
-    release = threading.Event()
-    lines = ndjson(make_requests(4)).splitlines(keepends=True)
+    """The second submit waits on the first's row for the key, then answers its job.
 
-    def slow_body() -> Iterator[bytes]:
-        yield lines[0]
-        release.wait(60)
-        yield from lines[1:]
-
+    The test holds the first submit between its job row and its requests: it locks the
+    request table, so the first's insert of requests waits while its job row is uncommitted.
+    """
+    body = ndjson(make_requests(4))
     answers: dict[str, httpx.Response] = {}
     headers = {**NDJSON, "Idempotency-Key": "at-once"}
 
-    def post(name: str, body: object) -> None:
+    def post(name: str) -> None:
         with api_server.client("acme") as client:
-            answers[name] = client.post("/v1/jobs", content=body, headers=headers)  # type: ignore[arg-type]
+            answers[name] = client.post("/v1/jobs", content=body, headers=headers)
 
-    first = threading.Thread(target=post, args=("first", slow_body()))
-    first.start()
-    wait_for(lambda: _sessions("state = 'idle in transaction'"), 30, "the first job's row")
-    second = threading.Thread(target=post, args=("second", b"".join(lines)))
-    second.start()
-    wait_for(lambda: _sessions("wait_event_type = 'Lock'"), 30, "the second to wait on the key")
-    release.set()
+    with get_sessionmaker(get_settings().sqlalchemy_url()).begin() as holder:
+        holder.execute(text("LOCK TABLE request IN EXCLUSIVE MODE"))
+        first = threading.Thread(target=post, args=("first",))
+        first.start()
+        wait_for(lambda: _sessions("wait_event_type = 'Lock'") == 1, 30, "the first to wait")
+        second = threading.Thread(target=post, args=("second",))
+        second.start()
+        wait_for(lambda: _sessions("wait_event_type = 'Lock'") == 2, 30, "the second to wait")
     first.join(60)
     second.join(60)
     assert answers["first"].status_code == 201, answers["first"].text

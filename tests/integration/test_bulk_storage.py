@@ -16,7 +16,7 @@ from jobs_support import submit, write_jsonl
 from sqlalchemy import event, text, update
 from sqlalchemy.orm import Session
 
-from worker import constants, errors, ingest
+from worker import constants, errors
 from worker.db import repository
 from worker.db.base import utcnow
 from worker.db.models import Job, JobStatus, Request, RequestStatus
@@ -92,38 +92,6 @@ def test_an_error_raised_while_documents_stream_propagates_and_stores_nothing(
         _, (request_id,) = new_job(session, 1)
         repository.insert_documents(session, rows(request_id))
     assert table_counts(database_url) == {"job": 0, "request": 0, "document": 0}
-
-
-def test_large_documents_are_stored_in_batches_bounded_by_their_size(
-    database_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(submit_use_case, "BATCH_CONTENT_CHARS", 10_000)
-    batches: list[int] = []
-    insert_requests = repository.insert_requests
-
-    def counted(session: Session, rows: list[dict[str, Any]]) -> list[int]:
-        batches.append(len(rows))
-        return insert_requests(session, rows)
-
-    monkeypatch.setattr(repository, "insert_requests", counted)
-    image = "data:image/png;base64," + "A" * 3000
-    lines = [
-        json.dumps({"query": "q", "documents": [{"image": image}, {"image": f"{image}{i}"}]})
-        for i in range(9)
-    ]
-    with get_sessionmaker(database_url).begin() as session:
-        session.add(Job(id="images", status=JobStatus.QUEUED, priority="bulk"))
-        session.flush()
-        requests = ingest.iter_requests(lines, default_model="jina-reranker-m0")
-        stored = submit_use_case._store_requests(session, "images", requests, [], None)
-    # A request holds some 6,000 characters of documents: two of them fill a batch.
-    assert batches == [2, 2, 2, 2, 1]
-    assert (stored.requests, stored.documents) == (9, 18)
-    with get_engine(database_url).connect() as connection:
-        last = connection.execute(
-            text("SELECT content FROM document ORDER BY request_id DESC, position DESC LIMIT 1")
-        ).scalar_one()
-    assert json.loads(last) == {"image": f"{image}8"}
 
 
 def test_a_bad_line_late_in_a_corpus_names_it_and_stores_no_job(database_url: str) -> None:

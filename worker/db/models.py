@@ -105,6 +105,10 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # Set while a large submit still stores the job's requests in chunks (its first ones
+    # may already run): the job cannot complete until it is None. The submit renews it
+    # with each chunk; past it, the sweeper fails the job (its submit died).
+    storing_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
 
 # An idempotency key is a tenant's own: another tenant's equal key is another job. The CLI's

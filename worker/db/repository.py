@@ -728,7 +728,8 @@ class EndedJob:
 def mark_job_ended(
     session: Session, job_id: str, status: JobStatus, *, only_when_done: bool = False
 ) -> EndedJob | None:
-    """End a queued or running job (with `only_when_done`, only if no request is pending);
+    """End a queued or running job (with `only_when_done`, only if every request is stored
+    and none is pending);
     None when it had ended already. One statement: RETURNING hands back whom to tell.
 
     Call worker.service.ending instead: it writes the job's notifications in this same
@@ -737,6 +738,7 @@ def mark_job_ended(
     job, request = JOB_TABLE.c, REQUEST_TABLE.c  # Core: this runs as every job ends
     statement = update(JOB_TABLE).where(job.id == job_id, job.status.in_(JOB_OPEN))
     if only_when_done:
+        statement = statement.where(job.storing_until.is_(None))
         pending = (
             select(request.id)
             .where(request.job_id == job_id, request.status.in_(REQUEST_PENDING))
@@ -786,16 +788,49 @@ def job_counts(session: Session, job_id: str) -> JobCounts:
 
 
 def cancel_queued_requests(session: Session, job_id: str) -> None:
+    end_queued_requests(
+        session,
+        job_id,
+        RequestStatus.CANCELLED,
+        "cancelled",
+        "the job was cancelled before this request ran",
+    )
+
+
+def end_queued_requests(
+    session: Session, job_id: str, status: RequestStatus, error_type: str, message: str
+) -> None:
+    """The job's queued requests end without running, with this error."""
     session.execute(
         update(Request)
         .where(Request.job_id == job_id, Request.status == RequestStatus.QUEUED)
-        .values(
-            status=RequestStatus.CANCELLED,
-            finished_at=utcnow(),
-            error_type="cancelled",
-            error_message="the job was cancelled before this request ran",
-        )
+        .values(status=status, finished_at=utcnow(), error_type=error_type, error_message=message)
     )
+
+
+def renew_storing(session: Session, job_id: str, until: dt.datetime) -> bool:
+    """Extend the storing lease of a job still open; False when the job has ended (it was
+    cancelled, or failed by the sweeper) while its submit was storing it."""
+    job = JOB_TABLE.c
+    renewed = session.execute(
+        update(JOB_TABLE)
+        .where(job.id == job_id, job.status.in_(JOB_OPEN))
+        .values(storing_until=until)
+        .returning(job.id)
+    ).first()
+    return renewed is not None
+
+
+def end_storing(session: Session, job_id: str) -> None:
+    """Every request of the job is stored: it may complete."""
+    job = JOB_TABLE.c
+    session.execute(update(JOB_TABLE).where(job.id == job_id).values(storing_until=None))
+
+
+def unstored_jobs(session: Session, now: dt.datetime) -> list[str]:
+    """Open jobs whose submit stopped renewing its storing lease (it died or hung)."""
+    query = select(Job.id).where(Job.status.in_(JOB_OPEN), Job.storing_until < now)
+    return list(session.scalars(query))
 
 
 RETRIED = (RequestStatus.FAILED, RequestStatus.CANCELLED)
@@ -979,19 +1014,18 @@ def job_ids_of_requests(session: Session, ids: Sequence[int]) -> list[str]:
 def stale_queued(
     session: Session, older_than: dt.datetime, limit: int = 5000
 ) -> list[tuple[int, str]]:
-    return list(
-        session.execute(
-            select(Request.id, Job.priority)
-            .join(Job, Job.id == Request.job_id)
-            .where(
-                Request.status == RequestStatus.QUEUED,
-                Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
-                or_(Request.enqueued_at.is_(None), Request.enqueued_at < older_than),
-            )
-            .order_by(Request.id)
-            .limit(limit)
-        ).tuples()
+    query = (
+        select(Request.id, Job.priority)
+        .join(Job, Job.id == Request.job_id)
+        .where(
+            Request.status == RequestStatus.QUEUED,
+            Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
+            or_(Request.enqueued_at.is_(None), Request.enqueued_at < older_than),
+        )
+        .order_by(Request.id)
+        .limit(limit)
     )
+    return [(request_id, priority) for request_id, priority in session.execute(query)]
 
 
 def unfinished_job_ids(session: Session) -> list[str]:
@@ -1201,11 +1235,12 @@ def claim_notifications(
     ).all()
     tenants = {row.tenant_id for row in rows if row.tenant_id is not None}
     secrets = (
-        dict(
-            session.execute(select(Tenant.id, Tenant.webhook_secret).where(Tenant.id.in_(tenants)))
-            .tuples()
-            .all()
-        )
+        {
+            tenant_id: secret
+            for tenant_id, secret in session.execute(
+                select(Tenant.id, Tenant.webhook_secret).where(Tenant.id.in_(tenants))
+            )
+        }
         if tenants
         else {}
     )

@@ -17,8 +17,17 @@ from sqlalchemy.orm import Session
 
 from worker import constants
 from worker.db import repository
-from worker.db.models import Job, JobStatus, NotificationKind, NotificationStatus
+from worker.db.models import (
+    Job,
+    JobStatus,
+    NotificationKind,
+    NotificationStatus,
+    RequestStatus,
+)
 from worker.service import read
+
+# The error of the requests of a job whose submit did not store it whole.
+UNSTORED_ERROR_TYPE = "submit_incomplete"
 
 EVENTS = {
     JobStatus.COMPLETED: "job.completed",
@@ -49,6 +58,16 @@ def fail_job(session: Session, job_id: str) -> bool:
     """The job ends failed, as a whole (its requests keep the status they have)."""
     ended = repository.mark_job_ended(session, job_id, JobStatus.FAILED)
     return _notify(session, job_id, ended)
+
+
+def fail_unstored_job(session: Session, job_id: str, reason: str) -> bool:
+    """A job whose submit stopped before every request was stored ends failed; its queued
+    requests end failed too, with the reason, and never run (running ones may finish)."""
+    repository.end_storing(session, job_id)
+    repository.end_queued_requests(
+        session, job_id, RequestStatus.FAILED, UNSTORED_ERROR_TYPE, reason
+    )
+    return fail_job(session, job_id)
 
 
 def _notify(session: Session, job_id: str, ended: repository.EndedJob | None) -> bool:

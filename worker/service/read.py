@@ -32,13 +32,15 @@ def job_state(job_id: str, settings: Settings | None = None, scope: Scope = OPER
 
 def _progress(session: Session, job: Job) -> dict[str, Any]:
     counts = repository.job_counts(session, job.id)
+    # Requests a large submit has not stored yet are pending too.
+    unstored = job.total_requests - counts.total if job.storing_until is not None else 0
     return {
         **job_summary(job),
-        "total": counts.total,
+        "total": counts.total + unstored,
         "succeeded": counts.succeeded,
         "failed": counts.failed,
         "cancelled": counts.cancelled,
-        "pending": counts.pending,
+        "pending": counts.pending + unstored,
         "warnings": repository.job_warnings(job),
     }
 

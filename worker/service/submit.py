@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
+import sys
+import tempfile
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -17,6 +20,7 @@ from worker import broker, catalog, constants, errors, ingest
 from worker.db import repository
 from worker.db.base import utcnow
 from worker.db.models import JobStatus, RequestStatus
+from worker.service import ending
 from worker.service.scope import run_in_transaction, sessions
 from worker.settings import Settings, get_settings
 from worker.webhooks import targets
@@ -184,53 +188,119 @@ def _document_rows(
     return ((request_id, position, d.content, d.doc_id) for position, d in enumerate(documents))
 
 
-def _store_requests(
-    session: Session,
-    job_id: str,
-    requests: Iterable[ingest.RequestInput],
-    warnings: list[str],
-    per_call_cap: int | None,
-) -> _Stored:
-    """Insert requests and their documents in batches (COPY on PostgreSQL)."""
-    now = utcnow()
-    count = documents = 0
+def _batches(requests: Iterable[ingest.RequestInput]) -> Iterator[list[ingest.RequestInput]]:
+    """The requests in batches of at most REQUEST_BATCH requests, DOCUMENT_BATCH documents
+    and BATCH_CONTENT_CHARS characters of document JSON."""
     batch: list[ingest.RequestInput] = []
-    batch_documents = batch_chars = 0
-    kept_ids: list[int] = []
-
-    def flush() -> None:
-        ids = repository.insert_requests(session, [_request_row(job_id, r, now) for r in batch])
-        if len(kept_ids) < REQUEST_BATCH:
-            kept_ids.extend(ids)
-        repository.insert_documents(
-            session,
-            (
-                row
-                for rid, r in zip(ids, batch, strict=True)
-                for row in _document_rows(rid, r.documents)
-            ),
-        )
-        batch.clear()
-
+    documents = chars = 0
     for request in requests:
-        warning = _split_warning(request, len(request.documents), per_call_cap)
-        if warning and len(warnings) < MAX_WARNINGS:
-            warnings.append(warning)
         batch.append(request)
-        batch_documents += len(request.documents)
-        batch_chars += sum(len(d.content) for d in request.documents)
         documents += len(request.documents)
-        count += 1
+        chars += sum(len(d.content) for d in request.documents)
         if (
             len(batch) >= REQUEST_BATCH
-            or batch_documents >= DOCUMENT_BATCH
-            or batch_chars >= BATCH_CONTENT_CHARS
+            or documents >= DOCUMENT_BATCH
+            or chars >= BATCH_CONTENT_CHARS
         ):
-            flush()
-            batch_documents = batch_chars = 0
+            yield batch
+            batch = []
+            documents = chars = 0
     if batch:
-        flush()
-    return _Stored(count, documents, tuple(kept_ids) if len(kept_ids) == count else ())
+        yield batch
+
+
+def _store_batch(
+    session: Session, job_id: str, batch: list[ingest.RequestInput], now: dt.datetime
+) -> list[int]:
+    """Insert requests and their documents (COPY on PostgreSQL); their ids, in order."""
+    ids = repository.insert_requests(session, [_request_row(job_id, r, now) for r in batch])
+    repository.insert_documents(
+        session,
+        (
+            row
+            for rid, r in zip(ids, batch, strict=True)
+            for row in _document_rows(rid, r.documents)
+        ),
+    )
+    return ids
+
+
+@dataclass
+class _ReadThrough:
+    """A requests file read once and found valid, before anything is stored: its first
+    batch as parsed, the lines after it kept to be parsed again while they are stored
+    (in memory up to SPOOL_MEMORY_BYTES, then in a temporary file), and its totals."""
+
+    head: list[ingest.RequestInput]
+    rest: IO[bytes] | None
+    rest_first_line: int
+    requests: int
+    documents: int
+    warnings: list[str]
+
+
+# Lines after a requests file's first batch are kept in memory up to this size, then on disk.
+SPOOL_MEMORY_BYTES = 16 * 1024 * 1024
+
+
+class _Spool:
+    """The lines a reader passes on, each also written to `file` once started."""
+
+    def __init__(self, lines: Iterable[bytes | str]) -> None:
+        self._lines = lines
+        self.file: IO[bytes] | None = None
+        self.lines_read = 0
+
+    def start(self) -> None:
+        # Closed by whoever holds the _ReadThrough it ends up in.
+        self.file = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)  # noqa: SIM115
+
+    def __iter__(self) -> Iterator[bytes | str]:
+        for line in self._lines:
+            self.lines_read += 1
+            if self.file is not None:
+                raw = line.encode("utf-8", "surrogatepass") if isinstance(line, str) else line
+                self.file.write(raw if raw.endswith(b"\n") else raw + b"\n")
+            yield line
+
+
+def _read_through(
+    lines: Iterable[bytes | str],
+    model: str,
+    top_n: int | None,
+    limits: ingest.Limits,
+    per_call_cap: int | None,
+) -> _ReadThrough:
+    """Validate every line (InputError at the first bad one, with nothing stored)."""
+    spool = _Spool(lines)
+    requests = ingest.iter_requests(spool, default_model=model, default_top_n=top_n, limits=limits)
+    warnings: list[str] = []
+    head: list[ingest.RequestInput] = []
+    count = documents = 0
+    head_lines = 0
+    try:
+        for batch in _batches(requests):
+            if not head:
+                head = batch
+                head_lines = spool.lines_read
+                spool.start()
+            for request in batch:
+                warning = _split_warning(request, len(request.documents), per_call_cap)
+                if warning and len(warnings) < MAX_WARNINGS:
+                    warnings.append(warning)
+                documents += len(request.documents)
+            count += len(batch)
+    except BaseException:
+        if spool.file is not None:
+            spool.file.close()
+        raise
+    rest = spool.file
+    if rest is not None and count == len(head):
+        rest.close()
+        rest = None
+    if rest is not None:
+        rest.seek(0)
+    return _ReadThrough(head, rest, head_lines + 1, count, documents, warnings)
 
 
 def _store_corpus(
@@ -262,10 +332,12 @@ def submit_job(
     tenant_id: int | None = None,
     settings: Settings | None = None,
 ) -> SubmitResult:
-    """Validate the whole input and store it in one transaction; then enqueue it.
+    """Validate the whole input before anything is stored; then store and enqueue it.
 
-    A bad line rolls everything back: no job exists afterwards. A repeated idempotency key
-    (the tenant's own) answers the job it made.
+    A bad line stores nothing: no job exists afterwards. A requests file larger than one
+    batch is read through once to validate it; then its job and first batch commit and are
+    enqueued at once, so work starts while the rest is stored batch by batch (see
+    _store_rest). A repeated idempotency key (the tenant's own) answers the job it made.
     """
     settings = settings or get_settings()
     options = options or JobOptions()
@@ -273,64 +345,184 @@ def submit_job(
     options.check(limits, settings)
     options.check_signable(tenant_id, settings)
     model = options.model or settings.default_model
+    cap = settings.max_documents_per_call
     maker = sessions(settings)
-    with maker() as session:
-        if options.idempotency_key:
-            existing = repository.find_job_by_idempotency_key(
+    if options.idempotency_key:
+        with maker() as session:
+            made = repository.find_job_by_idempotency_key(
                 session, tenant_id, options.idempotency_key
             )
-            if existing is not None:
-                return SubmitResult(existing.id, existing.total_requests, existing=True)
+        if made is not None:
+            return SubmitResult(made.id, made.total_requests, existing=True)
+    if options.query is not None:
+        return _submit_corpus(lines, source, options, tenant_id, model, limits, settings)
+
+    read = _read_through(lines, model, options.top_n, limits, cap)
+    try:
         job_id = uuid.uuid4().hex
-        warnings: list[str] = []
-        try:
+        row = {
+            **_job_row(job_id, source, options, tenant_id),
+            "total_requests": read.requests,
+            "warnings": json.dumps(read.warnings) if read.warnings else None,
+            "storing_until": _storing_lease_end(settings) if read.rest else None,
+        }
+        with maker() as session:
             try:
-                repository.insert_job(
-                    session,
-                    {
-                        "id": job_id,
-                        "status": JobStatus.QUEUED,
-                        "priority": options.priority,
-                        "source": _stored_source(source),
-                        "tenant_id": tenant_id,
-                        "idempotency_key": options.idempotency_key,
-                        "use_cache": options.use_cache,
-                        "webhook_url": options.webhook_url,
-                        "on_complete": options.on_complete,
-                        "on_complete_queue": (
-                            options.on_complete_queue if options.on_complete else None
-                        ),
-                        "max_tokens": options.max_tokens,
-                        "max_cost": options.max_cost,
-                    },
-                )
-            except IntegrityError:
-                # The same key's submit at the same moment (another API process) stored
-                # its job first: this one answers that job.
+                existing = _insert_job(session, row, options, tenant_id)
+                if existing is not None:
+                    return existing
+                ids = _store_batch(session, job_id, read.head, utcnow())
+                session.commit()
+            except BaseException:
                 session.rollback()
-                key = options.idempotency_key
-                if key is None:
-                    raise
-                existing = repository.find_job_by_idempotency_key(session, tenant_id, key)
-                if existing is None:
-                    raise
-                return SubmitResult(existing.id, existing.total_requests, existing=True)
-            cap = settings.max_documents_per_call
-            if options.query is not None:
-                corpus = ingest.RequestInput(
-                    position=0,
-                    custom_id="corpus",
-                    query=options.query,
-                    model=model,
-                    top_n=options.top_n,
-                    return_documents=False,
-                )
-                stored = _store_corpus(session, job_id, lines, corpus, warnings, cap, limits)
-            else:
-                requests = ingest.iter_requests(
-                    lines, default_model=model, default_top_n=options.top_n, limits=limits
-                )
-                stored = _store_requests(session, job_id, requests, warnings, cap)
+                raise
+        result = SubmitResult(job_id, read.requests, warnings=read.warnings)
+        if read.rest is None:
+            _refresh_statistics(_Stored(read.requests, read.documents), maker)
+            result.enqueued = enqueue_job(job_id, options.priority, settings, ids)
+            return result
+        result.enqueued = enqueue_job(job_id, options.priority, settings, ids)
+        rest = ingest.iter_requests(
+            read.rest,
+            default_model=model,
+            default_top_n=options.top_n,
+            # The first pass applied the line cap (to the lines as given, which were kept
+            # with a newline each, and as UTF-8 where they came as text).
+            limits=dataclasses.replace(limits, max_line_bytes=sys.maxsize),
+            first_line_no=read.rest_first_line,
+            first_position=len(read.head),
+        )
+        result.enqueued = _store_rest(job_id, rest, options.priority, result.enqueued, settings)
+        _refresh_statistics(_Stored(read.requests, read.documents), maker)
+        return result
+    finally:
+        if read.rest is not None:
+            read.rest.close()
+
+
+def _store_rest(
+    job_id: str,
+    requests: Iterable[ingest.RequestInput],
+    priority: str,
+    enqueue: bool,
+    settings: Settings,
+) -> bool:
+    """Store a job's requests after its first batch, one transaction per batch that also
+    renews the job's storing lease, each batch enqueued once committed; then mark the job
+    stored, completing it if its requests all ended meanwhile. Whether all were enqueued.
+
+    A job that ended while it was being stored (cancelled) gets the rest of its requests
+    stored as it would have had them: cancelled. Any failure (the database, an interrupt)
+    fails the job with the reason, and propagates; a submit that dies outright leaves the
+    lease to run out, and the sweeper fails the job.
+    """
+    maker = sessions(settings)
+    stored = 0
+    try:
+        for batch in _batches(requests):
+            with maker.begin() as session:
+                is_open = repository.renew_storing(session, job_id, _storing_lease_end(settings))
+                ids = _store_batch(session, job_id, batch, utcnow())
+                if not is_open:
+                    repository.cancel_queued_requests(session, job_id)
+            stored += len(batch)
+            if is_open and enqueue:
+                enqueue = enqueue_job(job_id, priority, settings, ids)
+        with maker.begin() as session:
+            repository.end_storing(session, job_id)
+            ending.complete_job_if_done(session, job_id)
+    except BaseException as exc:
+        _fail_unstored(job_id, f"storing stopped after {stored:,} more requests", exc, settings)
+        raise
+    return enqueue
+
+
+def _fail_unstored(job_id: str, where: str, exc: BaseException, settings: Settings) -> None:
+    """Best effort: when the database itself failed, the storing lease runs out instead."""
+    reason = f"{where} ({type(exc).__name__}); submit the file again"
+    log.error("action=storing_failed job=%s reason=%s", job_id, type(exc).__name__)
+    try:
+        with sessions(settings).begin() as session:
+            ending.fail_unstored_job(session, job_id, reason)
+    except SQLAlchemyError as failed:
+        log.warning("action=storing_failure_unrecorded reason=%s", type(failed).__name__)
+
+
+def _storing_lease_end(settings: Settings) -> dt.datetime:
+    return utcnow() + dt.timedelta(seconds=settings.storing_lease_s)
+
+
+def _job_row(
+    job_id: str, source: str, options: JobOptions, tenant_id: int | None
+) -> dict[str, Any]:
+    return {
+        "id": job_id,
+        "status": JobStatus.QUEUED,
+        "priority": options.priority,
+        "source": _stored_source(source),
+        "tenant_id": tenant_id,
+        "idempotency_key": options.idempotency_key,
+        "use_cache": options.use_cache,
+        "webhook_url": options.webhook_url,
+        "on_complete": options.on_complete,
+        "on_complete_queue": options.on_complete_queue if options.on_complete else None,
+        "max_tokens": options.max_tokens,
+        "max_cost": options.max_cost,
+    }
+
+
+def _insert_job(
+    session: Session, row: dict[str, Any], options: JobOptions, tenant_id: int | None
+) -> SubmitResult | None:
+    """Insert the job's row; the existing job instead when the same idempotency key's
+    submit at the same moment (another API process) stored its job first."""
+    try:
+        repository.insert_job(session, row)
+    except IntegrityError:
+        session.rollback()
+        key = options.idempotency_key
+        if key is None:
+            raise
+        existing = repository.find_job_by_idempotency_key(session, tenant_id, key)
+        if existing is None:
+            raise
+        return SubmitResult(existing.id, existing.total_requests, existing=True)
+    return None
+
+
+def _submit_corpus(
+    lines: Iterable[bytes],
+    source: str,
+    options: JobOptions,
+    tenant_id: int | None,
+    model: str,
+    limits: ingest.Limits,
+    settings: Settings,
+) -> SubmitResult:
+    """One request whose documents stream into one transaction: a corpus is one call's
+    worth of work, which cannot start before its last document is stored."""
+    assert options.query is not None
+    maker = sessions(settings)
+    job_id = uuid.uuid4().hex
+    warnings: list[str] = []
+    corpus = ingest.RequestInput(
+        position=0,
+        custom_id="corpus",
+        query=options.query,
+        model=model,
+        top_n=options.top_n,
+        return_documents=False,
+    )
+    with maker() as session:
+        try:
+            existing = _insert_job(
+                session, _job_row(job_id, source, options, tenant_id), options, tenant_id
+            )
+            if existing is not None:
+                return existing
+            stored = _store_corpus(
+                session, job_id, lines, corpus, warnings, settings.max_documents_per_call, limits
+            )
             repository.set_job_totals(
                 session, job_id, stored.requests, json.dumps(warnings) if warnings else None
             )
@@ -340,7 +532,7 @@ def submit_job(
             raise
     _refresh_statistics(stored, maker)
     result = SubmitResult(job_id, stored.requests, warnings=warnings)
-    result.enqueued = enqueue_job(job_id, options.priority, settings, list(stored.ids) or None)
+    result.enqueued = enqueue_job(job_id, options.priority, settings, list(stored.ids))
     return result
 
 
@@ -378,4 +570,13 @@ def publish(ids: list[int], priority: str) -> None:
     per_task = constants.REQUESTS_PER_TASK[priority]
     for start in range(0, len(ids), per_task):
         chunk = ids[start : start + per_task]
-        app.send_task(constants.RUN_REQUESTS_TASK, args=[chunk], queue=priority, retry=False)
+        # A short argsrepr (the args as Celery's logs show them): its default, a saferepr of
+        # the ids, is a sixth of a send's time.
+        shown = f"[{len(chunk)} requests from {chunk[0]}]"
+        app.send_task(
+            constants.RUN_REQUESTS_TASK,
+            args=[chunk],
+            queue=priority,
+            retry=False,
+            argsrepr=shown,
+        )
