@@ -6,8 +6,10 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import text
 
+from worker import schema
 from worker.db import migrate
 from worker.db.models import Base
 from worker.db.session import get_engine
@@ -57,3 +59,14 @@ def test_large_values_are_compressed_with_lz4_on_postgresql(postgres_url: str) -
     assert compression(postgres_url) == {name: "" for name in lz4}
     command.upgrade(config, "head")
     assert compression(postgres_url) == lz4
+
+
+def test_the_schema_check_knows_the_newest_migration(database_url: str) -> None:
+    """`ensure_schema` reads the head from a constant, not from the scripts."""
+    config = migrate.alembic_config(database_url)
+    assert ScriptDirectory.from_config(config).get_current_head() == schema.HEAD_REVISION
+    assert schema.current_revision(database_url) == schema.HEAD_REVISION
+    command.downgrade(config, "-1")
+    assert schema.current_revision(database_url) not in (None, schema.HEAD_REVISION)
+    command.downgrade(config, "base")
+    assert schema.current_revision(database_url) is None
