@@ -71,6 +71,13 @@ class RequestInput:
     top_n: int | None
     return_documents: bool
     documents: list[DocumentInput] = field(default_factory=list)
+    # Set where the line was parsed only to validate it (iter_requests(keep_documents=False)):
+    # `documents` may then be empty, and this counts what the line held.
+    checked_documents: int | None = None
+
+    @property
+    def document_count(self) -> int:
+        return len(self.documents) if self.checked_documents is None else self.checked_documents
 
 
 def read_lines(stream: IO[bytes], max_line_bytes: int) -> Iterator[bytes]:
@@ -130,15 +137,12 @@ def _text_line(raw: str, line_no: int) -> str:
 
 
 def _parsed_lines(
-    lines: Iterable[bytes | str],
-    text_fields: tuple[str, ...],
-    max_line_bytes: int,
-    first_line_no: int = 1,
+    lines: Iterable[bytes | str], text_fields: tuple[str, ...], max_line_bytes: int
 ) -> Iterator[tuple[int, str, Any]]:
     """(line number, text, JSON value) of each line that is not blank; InputError for a
     line over the cap, not UTF-8, not JSON, or holding what no database stores."""
     loads = json.loads
-    for line_no, raw in enumerate(lines, start=first_line_no):
+    for line_no, raw in enumerate(lines, start=1):
         if line_no == 1:
             raw = _without_byte_order_mark(raw)
         if not raw.strip():
@@ -361,7 +365,11 @@ def _text_field(
     return value
 
 
-def _documents(raw_documents: Any, line_no: int, limits: Limits) -> list[DocumentInput]:
+def _documents(
+    raw_documents: Any, line_no: int, limits: Limits, keep: bool = True
+) -> list[DocumentInput]:
+    """The line's documents, validated; without `keep`, plain strings are only checked
+    (making their DocumentInputs is most of a large file's parse) and the list is empty."""
     if not isinstance(raw_documents, list) or not raw_documents:
         raise errors.InputError("required, a non-empty list", line=line_no, field="documents")
     cap = limits.max_documents_per_request
@@ -373,7 +381,7 @@ def _documents(raw_documents: Any, line_no: int, limits: Limits) -> list[Documen
     # The common case, plain strings within their cap: built in one comprehension, without
     # a call or a field name per document (this loop is most of a large file's parse).
     if all(type(doc) is str and len(doc) <= max_chars and doc.strip() for doc in raw_documents):
-        return [DocumentInput(_encode_string(doc), False) for doc in raw_documents]
+        return [DocumentInput(_encode_string(doc), False) for doc in raw_documents] if keep else []
     return [
         parse_document(doc, line_no=line_no, where=f"documents[{i}]", max_chars=max_chars)
         for i, doc in enumerate(raw_documents)
@@ -388,6 +396,7 @@ def parse_request(
     default_model: str,
     default_top_n: int | None,
     limits: Limits = DEFAULT_LIMITS,
+    keep_documents: bool = True,
 ) -> RequestInput:
     if not isinstance(obj, dict):
         raise errors.InputError(f"expected a JSON object, got {type(obj).__name__}", line=line_no)
@@ -411,7 +420,8 @@ def parse_request(
     query = _text_field(
         obj, "query", None, limits.max_query_chars, line_no, "required, a non-empty string"
     )
-    documents = _documents(obj.get("documents"), line_no, limits)
+    raw_documents: Any = obj.get("documents")
+    documents = _documents(raw_documents, line_no, limits, keep_documents)
     model = _text_field(
         obj,
         "model",
@@ -433,6 +443,7 @@ def parse_request(
         top_n=top_n if top_n is not None else default_top_n,
         return_documents=return_documents,
         documents=documents,
+        checked_documents=None if keep_documents else len(raw_documents),
     )
 
 
@@ -442,15 +453,14 @@ def iter_requests(
     default_model: str,
     default_top_n: int | None = None,
     limits: Limits = DEFAULT_LIMITS,
-    first_line_no: int = 1,
-    first_position: int = 0,
+    keep_documents: bool = True,
 ) -> Iterator[RequestInput]:
-    """Yield validated requests; raise InputError at the first bad line. `lines` may be the
-    rest of a file, from line `first_line_no` and request `first_position` on."""
+    """Yield validated requests; raise InputError at the first bad line. Without
+    `keep_documents` a line is only validated, and its request may hold no documents (its
+    `document_count` counts them)."""
     seen: dict[str, int] = {}
-    position = first_position
-    parsed = _parsed_lines(lines, REQUEST_TEXT_FIELDS, limits.max_line_bytes, first_line_no)
-    for line_no, text, value in parsed:
+    position = 0
+    for line_no, text, value in _parsed_lines(lines, REQUEST_TEXT_FIELDS, limits.max_line_bytes):
         try:
             request = parse_request(
                 value,
@@ -459,6 +469,7 @@ def iter_requests(
                 default_model=default_model,
                 default_top_n=default_top_n,
                 limits=limits,
+                keep_documents=keep_documents,
             )
         except errors.InputError:
             # Whatever else is wrong with a line nested this deep, its depth is the error.

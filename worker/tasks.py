@@ -36,6 +36,14 @@ def _watch_interactive(sender: Any, **_: Any) -> None:
         pipeline.watch_interactive(task_threads=sender.pool.num_processes)
 
 
+@signals.worker_ready.connect
+def _build_pipeline(**_: Any) -> None:
+    """The engine (its event loop, HTTP client and key pool) is made before the first task,
+    not by it: a job's first call came a third of a second later otherwise. After
+    _watch_interactive, whose answer the pipeline takes."""
+    pipeline.get_pipeline(get_settings())
+
+
 @signals.task_received.connect
 def _interactive_received(request: Any, **_: Any) -> None:
     if (request.delivery_info or {}).get("routing_key") == constants.QUEUE_INTERACTIVE:

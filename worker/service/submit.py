@@ -173,7 +173,7 @@ def _request_row(
         "model": request.model,
         "top_n": request.top_n,
         "return_documents": request.return_documents,
-        "document_count": len(request.documents),
+        "document_count": request.document_count,
         "status": RequestStatus.QUEUED,
         "deliveries": 0,
         "total_tokens": 0,
@@ -227,41 +227,27 @@ def _store_batch(
 
 @dataclass
 class _ReadThrough:
-    """A requests file read once and found valid, before anything is stored: its first
-    batch as parsed, the lines after it kept to be parsed again while they are stored
-    (in memory up to SPOOL_MEMORY_BYTES, then in a temporary file), and its totals."""
+    """A requests file read once and found valid, before anything is stored: its lines kept
+    as read, to be parsed again as they are stored, and its totals."""
 
-    head: list[ingest.RequestInput]
-    rest: IO[bytes] | None
-    rest_first_line: int
+    lines: IO[bytes]
     requests: int
     documents: int
     warnings: list[str]
 
 
-# Lines after a requests file's first batch are kept in memory up to this size, then on disk.
+# The lines of a requests file are kept in memory up to this size, then in a temporary file.
 SPOOL_MEMORY_BYTES = 16 * 1024 * 1024
 
 
-class _Spool:
-    """The lines a reader passes on, each also written to `file` once started."""
-
-    def __init__(self, lines: Iterable[bytes | str]) -> None:
-        self._lines = lines
-        self.file: IO[bytes] | None = None
-        self.lines_read = 0
-
-    def start(self) -> None:
-        # Closed by whoever holds the _ReadThrough it ends up in.
-        self.file = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)  # noqa: SIM115
-
-    def __iter__(self) -> Iterator[bytes | str]:
-        for line in self._lines:
-            self.lines_read += 1
-            if self.file is not None:
-                raw = line.encode("utf-8", "surrogatepass") if isinstance(line, str) else line
-                self.file.write(raw if raw.endswith(b"\n") else raw + b"\n")
-            yield line
+def _kept(lines: Iterable[bytes | str], spool: IO[bytes]) -> Iterator[bytes | str]:
+    """The lines, each also written to `spool` with a newline (as UTF-8 if given as text:
+    a line UTF-8 cannot encode is refused by the validator, and the spool dropped)."""
+    write = spool.write
+    for line in lines:
+        raw = line.encode("utf-8", "surrogatepass") if isinstance(line, str) else line
+        write(raw if raw.endswith(b"\n") else raw + b"\n")
+        yield line
 
 
 def _read_through(
@@ -271,36 +257,31 @@ def _read_through(
     limits: ingest.Limits,
     per_call_cap: int | None,
 ) -> _ReadThrough:
-    """Validate every line (InputError at the first bad one, with nothing stored)."""
-    spool = _Spool(lines)
-    requests = ingest.iter_requests(spool, default_model=model, default_top_n=top_n, limits=limits)
+    """Validate every line (InputError at the first bad one, with nothing stored), keeping
+    them; only validated, documents are not built, which halves the parse."""
+    # Closed by the caller, which holds the _ReadThrough.
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)  # noqa: SIM115
     warnings: list[str] = []
-    head: list[ingest.RequestInput] = []
     count = documents = 0
-    head_lines = 0
     try:
-        for batch in _batches(requests):
-            if not head:
-                head = batch
-                head_lines = spool.lines_read
-                spool.start()
-            for request in batch:
-                warning = _split_warning(request, len(request.documents), per_call_cap)
-                if warning and len(warnings) < MAX_WARNINGS:
-                    warnings.append(warning)
-                documents += len(request.documents)
-            count += len(batch)
+        requests = ingest.iter_requests(
+            _kept(lines, spool),
+            default_model=model,
+            default_top_n=top_n,
+            limits=limits,
+            keep_documents=False,
+        )
+        for request in requests:
+            warning = _split_warning(request, request.document_count, per_call_cap)
+            if warning and len(warnings) < MAX_WARNINGS:
+                warnings.append(warning)
+            documents += request.document_count
+            count += 1
+        spool.seek(0)
     except BaseException:
-        if spool.file is not None:
-            spool.file.close()
+        spool.close()
         raise
-    rest = spool.file
-    if rest is not None and count == len(head):
-        rest.close()
-        rest = None
-    if rest is not None:
-        rest.seek(0)
-    return _ReadThrough(head, rest, head_lines + 1, count, documents, warnings)
+    return _ReadThrough(spool, count, documents, warnings)
 
 
 def _store_corpus(
@@ -334,10 +315,10 @@ def submit_job(
 ) -> SubmitResult:
     """Validate the whole input before anything is stored; then store and enqueue it.
 
-    A bad line stores nothing: no job exists afterwards. A requests file larger than one
-    batch is read through once to validate it; then its job and first batch commit and are
-    enqueued at once, so work starts while the rest is stored batch by batch (see
-    _store_rest). A repeated idempotency key (the tenant's own) answers the job it made.
+    A bad line stores nothing: no job exists afterwards. A requests file is read through
+    once to validate it; then its job and first batch commit and are enqueued at once, and a
+    larger file's rest is stored batch by batch while that first batch runs (_store_rest).
+    A repeated idempotency key (the tenant's own) answers the job it made.
     """
     settings = settings or get_settings()
     options = options or JobOptions()
@@ -358,51 +339,51 @@ def submit_job(
         return _submit_corpus(lines, source, options, tenant_id, model, limits, settings)
 
     read = _read_through(lines, model, options.top_n, limits, cap)
-    try:
+    with read.lines:
+        batches = _batches(
+            ingest.iter_requests(
+                read.lines,
+                default_model=model,
+                default_top_n=options.top_n,
+                # The first pass applied the line cap, to the lines as given (they were kept
+                # with a newline each, and as UTF-8 where they came as text).
+                limits=dataclasses.replace(limits, max_line_bytes=sys.maxsize),
+            )
+        )
+        first = next(batches)
+        more = len(first) < read.requests
         job_id = uuid.uuid4().hex
         row = {
             **_job_row(job_id, source, options, tenant_id),
             "total_requests": read.requests,
             "warnings": json.dumps(read.warnings) if read.warnings else None,
-            "storing_until": _storing_lease_end(settings) if read.rest else None,
+            "storing_until": _storing_lease_end(settings) if more else None,
         }
         with maker() as session:
             try:
                 existing = _insert_job(session, row, options, tenant_id)
                 if existing is not None:
                     return existing
-                ids = _store_batch(session, job_id, read.head, utcnow())
+                ids = _store_batch(session, job_id, first, utcnow())
                 session.commit()
             except BaseException:
                 session.rollback()
                 raise
         result = SubmitResult(job_id, read.requests, warnings=read.warnings)
-        if read.rest is None:
-            _refresh_statistics(_Stored(read.requests, read.documents), maker)
+        stored = _Stored(read.requests, read.documents)
+        if not more:
+            _refresh_statistics(stored, maker)
             result.enqueued = enqueue_job(job_id, options.priority, settings, ids)
             return result
-        result.enqueued = enqueue_job(job_id, options.priority, settings, ids)
-        rest = ingest.iter_requests(
-            read.rest,
-            default_model=model,
-            default_top_n=options.top_n,
-            # The first pass applied the line cap (to the lines as given, which were kept
-            # with a newline each, and as UTF-8 where they came as text).
-            limits=dataclasses.replace(limits, max_line_bytes=sys.maxsize),
-            first_line_no=read.rest_first_line,
-            first_position=len(read.head),
-        )
-        result.enqueued = _store_rest(job_id, rest, options.priority, result.enqueued, settings)
-        _refresh_statistics(_Stored(read.requests, read.documents), maker)
-        return result
-    finally:
-        if read.rest is not None:
-            read.rest.close()
+        enqueued = enqueue_job(job_id, options.priority, settings, ids)
+        result.enqueued = _store_rest(job_id, batches, options.priority, enqueued, settings)
+    _refresh_statistics(stored, maker)
+    return result
 
 
 def _store_rest(
     job_id: str,
-    requests: Iterable[ingest.RequestInput],
+    batches: Iterable[list[ingest.RequestInput]],
     priority: str,
     enqueue: bool,
     settings: Settings,
@@ -419,7 +400,7 @@ def _store_rest(
     maker = sessions(settings)
     stored = 0
     try:
-        for batch in _batches(requests):
+        for batch in batches:
             with maker.begin() as session:
                 is_open = repository.renew_storing(session, job_id, _storing_lease_end(settings))
                 ids = _store_batch(session, job_id, batch, utcnow())
