@@ -413,7 +413,8 @@ def _store_rest(
             repository.end_storing(session, job_id)
             ending.complete_job_if_done(session, job_id)
     except BaseException as exc:
-        _fail_unstored(job_id, f"storing stopped after {stored:,} more requests", exc, settings)
+        where = f"storing stopped after the first batch and {stored:,} more requests"
+        _fail_unstored(job_id, where, exc, settings)
         raise
     return enqueue
 
