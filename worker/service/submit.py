@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import logging
@@ -10,7 +9,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -129,16 +128,6 @@ def _stored_source(source: str) -> str:
     undecodable byte becomes a lone surrogate in Python) keeps its bytes as escapes."""
     safe = source.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
     return safe[: constants.MAX_SOURCE_CHARS]
-
-
-@dataclass(frozen=True)
-class _Stored:
-    """How many rows of each kind a submit stored, and the request ids of a small one (to
-    publish without reading them back: a round trip less for an interactive request)."""
-
-    requests: int
-    documents: int
-    ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -292,9 +281,10 @@ def _store_corpus(
     warnings: list[str],
     per_call_cap: int | None,
     limits: ingest.Limits,
-) -> _Stored:
+) -> tuple[int, int]:
     """One request whose documents stream from the file into the database as they are
-    validated (constant memory; on PostgreSQL one COPY, fed while the file is parsed)."""
+    validated (constant memory; on PostgreSQL one COPY, fed while the file is parsed); its
+    id and its number of documents."""
     (request_id,) = repository.insert_requests(session, [_request_row(job_id, request, utcnow())])
     documents = _document_rows(request_id, ingest.iter_corpus(lines, limits=limits))
     count = repository.insert_documents(session, documents)
@@ -302,7 +292,7 @@ def _store_corpus(
     warning = _split_warning(request, count, per_call_cap)
     if warning:
         warnings.append(warning)
-    return _Stored(1, count, (request_id,))
+    return request_id, count
 
 
 def submit_job(
@@ -347,7 +337,7 @@ def submit_job(
                 default_top_n=options.top_n,
                 # The first pass applied the line cap, to the lines as given (they were kept
                 # with a newline each, and as UTF-8 where they came as text).
-                limits=dataclasses.replace(limits, max_line_bytes=sys.maxsize),
+                limits=replace(limits, max_line_bytes=sys.maxsize),
             )
         )
         first = next(batches)
@@ -370,14 +360,16 @@ def submit_job(
                 session.rollback()
                 raise
         result = SubmitResult(job_id, read.requests, warnings=read.warnings)
-        stored = _Stored(read.requests, read.documents)
+        # A job of one batch is analyzed before its requests are sent; a larger one once
+        # its last batch is in, while its first ones already run.
         if not more:
-            _refresh_statistics(stored, maker)
-            result.enqueued = enqueue_job(job_id, options.priority, settings, ids)
-            return result
-        enqueued = enqueue_job(job_id, options.priority, settings, ids)
-        result.enqueued = _store_rest(job_id, batches, options.priority, enqueued, settings)
-    _refresh_statistics(stored, maker)
+            _refresh_statistics(read.requests, read.documents, maker)
+        result.enqueued = enqueue_job(job_id, options.priority, settings, ids)
+        if more:
+            result.enqueued = _store_rest(
+                job_id, batches, options.priority, result.enqueued, settings
+            )
+            _refresh_statistics(read.requests, read.documents, maker)
     return result
 
 
@@ -502,25 +494,25 @@ def _submit_corpus(
             )
             if existing is not None:
                 return existing
-            stored = _store_corpus(
+            request_id, documents = _store_corpus(
                 session, job_id, lines, corpus, warnings, settings.max_documents_per_call, limits
             )
             repository.set_job_totals(
-                session, job_id, stored.requests, json.dumps(warnings) if warnings else None
+                session, job_id, 1, json.dumps(warnings) if warnings else None
             )
             session.commit()
         except BaseException:
             session.rollback()
             raise
-    _refresh_statistics(stored, maker)
-    result = SubmitResult(job_id, stored.requests, warnings=warnings)
-    result.enqueued = enqueue_job(job_id, options.priority, settings, list(stored.ids))
+    _refresh_statistics(1, documents, maker)
+    result = SubmitResult(job_id, 1, warnings=warnings)
+    result.enqueued = enqueue_job(job_id, options.priority, settings, [request_id])
     return result
 
 
-def _refresh_statistics(stored: _Stored, maker: sessionmaker[Session]) -> None:
+def _refresh_statistics(requests: int, documents: int, maker: sessionmaker[Session]) -> None:
     """Best effort: the job is stored, and stale statistics only make claims slower."""
-    added = {"request": stored.requests, "document": stored.documents}
+    added = {"request": requests, "document": documents}
     try:
         with maker.begin() as session:
             repository.refresh_statistics(session, added)
