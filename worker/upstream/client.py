@@ -196,15 +196,15 @@ def _parse_success(response: httpx.Response, key: ApiKey, latency_ms: float) -> 
 class RerankClient:
     """One per process: a pooled httpx transport per key, reused for every call.
 
-    A pool per key, sized to that key's slots, rather than one shared pool: httpcore
-    scans every pooled connection each time a request starts or ends, so the cost of a
-    call grew with the total of all keys' slots (a quarter of a worker's CPU at 32).
+    A pool per key, sized to that key's slots, rather than one shared pool: a key's calls
+    never wait for a connection another key holds, and a key never opens more connections
+    than it may have calls in flight.
 
     Calls go straight to the transport (httpx's `handle_async_request`). The AsyncClient
     layer above it (cookies, auth flows, redirects, event hooks) does nothing for one POST
     with fixed headers, and cost a quarter of httpx's CPU per call. The transport is
-    `UpstreamTransport`, whose sockets are asyncio's own rather than anyio's (see
-    `worker.upstream.network`).
+    `UpstreamTransport`: keep-alive connections on asyncio's own transports, responses
+    parsed by httptools (see `worker.upstream.network`).
     """
 
     def __init__(
