@@ -69,9 +69,11 @@ PRIORITIES = (QUEUE_INTERACTIVE, QUEUE_BULK)
 REQUESTS_PER_TASK = {QUEUE_INTERACTIVE: 1, QUEUE_BULK: 32}
 # The recorder writes the requests that finished in this interval in one transaction.
 RECORD_INTERVAL_S = 0.05
-# `rerank-worker worker` runs one process per this many slots (at most one per CPU core):
-# one event loop sharing its GIL with claims and writes keeps about this many calls busy.
-SLOTS_PER_PROCESS = 16
+# `rerank-worker worker` runs one process per this many slots (at most one per CPU core).
+# One process keeps 32 slots of 100 ms calls busy at under half of a slow core's time
+# (1.7 ms of CPU per call, 2026-12-03); a second process for them cost 2.0 to 2.1 ms per call
+# (its own recorder, lookout, Celery threads and Redis polls) and gained no calls/s.
+SLOTS_PER_PROCESS = 32
 # Requests a worker process holds at once (claimed, waiting for a slot or in flight).
 BACKLOG_PER_SLOT = 3
 MIN_BACKLOG = 32

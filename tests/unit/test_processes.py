@@ -16,14 +16,13 @@ def settings_with(keys: str) -> Settings:
     ("keys", "cpus", "expected"),
     [
         ("a=x@3", 8, 1),  # few slots: one process, whatever the cores
-        ("a=x@8,b=y@8", 8, 1),  # 16 slots: still one
-        ("a=x@8,b=y@8,c=z@1", 8, 2),  # 17 slots: two
-        ("a=x@8,b=y@8,c=z@8,d=w@8", 2, 2),  # 32 slots on 2 cores (the benchmark)
+        ("a=x@8,b=y@8,c=z@8,d=w@8", 8, 1),  # 32 slots (the benchmark): still one
+        ("a=x@8,b=y@8,c=z@8,d=w@8,e=v@1", 8, 2),  # 33 slots: two
         ("a=x@64,b=y@64", 2, 2),  # never more processes than cores
         ("a=x@64,b=y@64", 1, 1),
     ],
 )
-def test_one_process_per_sixteen_slots_at_most_one_per_core(
+def test_one_process_per_32_slots_at_most_one_per_core(
     keys: str, cpus: int, expected: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(processes, "usable_cpus", lambda: cpus)
