@@ -100,6 +100,25 @@ async def numbered(peer: Peer, reader: asyncio.StreamReader, writer: asyncio.Str
         await writer.drain()
 
 
+def holding(
+    release: asyncio.Event, held: Callable[[Peer, bytes], bool]
+) -> Callable[[Peer, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """Keep-alive, each request answered with its number; a request `held` says so of (given
+    the peer and the request's head) only once `release` is set."""
+
+    async def handler(
+        peer: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while True:
+            head = await peer.read_request(reader)
+            if held(peer, head):
+                await release.wait()
+            writer.write(ok(b"%d" % len(peer.requests)))
+            await writer.drain()
+
+    return handler
+
+
 def post(port: int, body: bytes = b"{}", **timeouts: float) -> httpx.Request:
     return httpx.Request(
         "POST", f"http://127.0.0.1:{port}/rerank", content=body, extensions={"timeout": timeouts}
@@ -259,18 +278,7 @@ def test_a_request_cancelled_mid_response_leaves_no_late_answer_for_the_next(
     run: Run[None],
 ) -> None:
     release = asyncio.Event()
-
-    async def slow_first(
-        peer: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        while True:
-            await peer.read_request(reader)
-            if len(peer.requests) == 1:
-                await release.wait()
-            writer.write(ok(b"%d" % len(peer.requests)))
-            await writer.drain()
-
-    peer = Peer(slow_first)
+    peer = Peer(holding(release, lambda peer, _: len(peer.requests) == 1))
 
     async def main() -> bytes:
         async with serve(peer) as port:
@@ -362,16 +370,7 @@ def test_a_header_with_a_line_break_is_refused_before_anything_is_sent(run: Run[
 
 def test_requests_beyond_the_pool_wait_for_a_connection_or_time_out(run: Run[None]) -> None:
     held = asyncio.Event()
-
-    async def holds(peer: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            head = await peer.read_request(reader)
-            if b"/hold" in head:
-                await held.wait()
-            writer.write(ok(b"%d" % len(peer.requests)))
-            await writer.drain()
-
-    peer = Peer(holds)
+    peer = Peer(holding(held, lambda _, head: b"/hold" in head))
 
     async def main() -> None:
         async with serve(peer) as port:
