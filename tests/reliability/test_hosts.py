@@ -196,7 +196,11 @@ def test_a_host_cut_off_mid_job_is_finished_by_the_others_and_its_late_work_is_f
 
         cut.cut()
         cut_at = time.monotonic()
-        wait_ok(here, job_id, timeout_s=120)  # while the cut host is still away
+        try:
+            wait_ok(here, job_id, timeout_s=120)  # while the cut host is still away
+        except AssertionError as exc:
+            hosts_logs = on_other.all_logs()[-6000:] + on_cut.all_logs()[-3000:]
+            raise AssertionError(f"{exc}\nthe hosts' workers:\n{hosts_logs}") from None
         finished_in_s = time.monotonic() - cut_at
         stats = standin.stats()
         assert stats["keys"]["alpha"]["max_in_flight"] <= 3
