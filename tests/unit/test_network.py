@@ -23,7 +23,7 @@ import uvloop
 from conftest import SECRETS
 
 from worker.standin import ThreadedStandin
-from worker.upstream.network import UpstreamTransport
+from worker.upstream.network import Connection, UpstreamTransport
 
 T = TypeVar("T")
 Run = Callable[[Coroutine[Any, Any, T]], T]
@@ -294,6 +294,37 @@ def test_a_request_cancelled_mid_response_leaves_no_late_answer_for_the_next(
             return second.content
 
     assert run(main()) == b"2"
+    assert peer.connections == 2
+
+
+def test_a_request_cancelled_just_after_its_answer_came_gives_its_connection_up(
+    run: Run[None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answer is in, but the caller is cancelled before it resumes (a timeout of its own,
+    say): it never sees the answer to hand the connection back, so the exchange closes it."""
+    to_cancel: list[asyncio.Future[httpx.Response]] = []
+    complete = Connection._complete
+
+    def complete_then_cancel(connection: Connection, keep_alive: bool) -> None:
+        complete(connection, keep_alive)
+        while to_cancel:
+            to_cancel.pop().cancel()
+
+    monkeypatch.setattr(Connection, "_complete", complete_then_cancel)
+    peer = Peer(numbered)
+
+    async def main() -> bytes:
+        async with serve(peer) as port:
+            transport = UpstreamTransport(max_connections=1)
+            first = asyncio.ensure_future(transport.handle_async_request(post(port)))
+            to_cancel.append(first)
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            second = await transport.handle_async_request(post(port, pool=2.0))
+            await transport.aclose()
+            return second.content
+
+    assert run(main()) == b'{"n":2}'
     assert peer.connections == 2
 
 

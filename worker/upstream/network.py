@@ -127,8 +127,9 @@ class Connection(asyncio.Protocol):
         self._fail(httpx.ReadTimeout(f"no whole response within {timeout:g}s"))
 
     async def exchange(self, head: bytes, body: bytes, timeout: float | None) -> Answer:
-        """Send one request and wait for its whole response; a connection left mid-response
-        (timed out, cancelled, broken) is closed, never used again."""
+        """Send one request and wait for its whole response. A connection left by an exchange
+        that raised (timed out, broken, or cancelled, even just after its answer came, which
+        the caller then never sees to give the connection back) is closed, never used again."""
         assert self._transport is not None
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Answer] = loop.create_future()
@@ -137,12 +138,13 @@ class Connection(asyncio.Protocol):
         timer = None if timeout is None else loop.call_later(timeout, self._time_out, timeout)
         try:
             return await answer
+        except BaseException:
+            self.close()
+            raise
         finally:
             if timer is not None:
                 timer.cancel()
             self._answer = None
-            if not answer.done() or answer.cancelled() or answer.exception() is not None:
-                self.close()
 
     def close(self) -> None:
         if self._transport is not None and not self.closed:
@@ -229,11 +231,14 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         try:
             async with asyncio.timeout(timeout):
                 await waiter
-        except TimeoutError as exc:
-            raise httpx.PoolTimeout(f"no connection free within {timeout:g}s") from exc
-        finally:
-            if not waiter.done():
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self._wake_one()  # woken just as it gave up: the room goes to the next waiter
+            else:
                 waiter.cancel()
+            if isinstance(exc, TimeoutError):
+                raise httpx.PoolTimeout(f"no connection free within {timeout:g}s") from exc
+            raise
 
     def _wake_one(self) -> None:
         while self._waiters:
