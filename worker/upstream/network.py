@@ -106,7 +106,7 @@ class Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if self._parser.get_status_code() < 200:  # an informational answer: the real one follows
-            self._headers, self._body, self._headers_done = [], [], False
+            self._next_message()
             return
         self._complete(self._parser.should_keep_alive())
 
@@ -114,10 +114,13 @@ class Connection(asyncio.Protocol):
         answer = Answer(
             self._parser.get_status_code(), self._headers, b"".join(self._body), keep_alive
         )
-        self._headers, self._body, self._headers_done = [], [], False
+        self._next_message()
         waiting, self._answer = self._answer, None
         if waiting is not None and not waiting.done():
             waiting.set_result(answer)
+
+    def _next_message(self) -> None:
+        self._headers, self._body, self._headers_done = [], [], False
 
     def _fail(self, error: httpx.TransportError) -> None:
         if self._answer is not None and not self._answer.done():
@@ -252,10 +255,10 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         try:
             connection = await self._dial(origin, timeout)
         except BaseException:
-            self._opening -= 1
             self._wake_one()  # the room it was to take is free again
             raise
-        self._opening -= 1
+        finally:
+            self._opening -= 1
         self._open.add(connection)
         return connection
 
