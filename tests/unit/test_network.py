@@ -100,9 +100,7 @@ async def numbered(peer: Peer, reader: asyncio.StreamReader, writer: asyncio.Str
         await writer.drain()
 
 
-def holding(
-    release: asyncio.Event, held: Callable[[Peer, bytes], bool]
-) -> Callable[[Peer, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+def holding(release: asyncio.Event, held: Callable[[Peer, bytes], bool]) -> Script:
     """Keep-alive, each request answered with its number; a request `held` says so of (given
     the peer and the request's head) only once `release` is set."""
 
