@@ -61,6 +61,45 @@ def test_a_key_runs_its_whole_rpm_at_once_then_waits_for_the_window(redis_url: s
     run(main)
 
 
+def test_a_call_counts_in_its_windows_from_when_it_ended(redis_url: str) -> None:
+    """The upstream saw a call arrive at some moment before it ended, however late it was
+    sent after taking its slot: its window entries move to its end, or the next window
+    would open early by the call's delay and the upstream refuse."""
+
+    async def main() -> None:
+        async with connect(redis_url) as client:
+            pool = pool_of(client, key(ALPHA, rpm=1, tpm=10_000))
+            calls = constants.RATE_CALLS_KEY.format(name=ALPHA)
+            token_times = constants.RATE_TOKEN_TIMES_KEY.format(name=ALPHA)
+            async with pool.slot(model=MODEL, estimated_tokens=100) as lease:
+                taken_ms = await client.zscore(calls, lease.token)
+                assert await client.zscore(token_times, lease.token) == taken_ms
+                await asyncio.sleep(0.4)  # the call's own length, as a slow send would make it
+                lease.billed_tokens = 120
+            ended_ms = await client.zscore(calls, lease.token)
+            assert ended_ms >= taken_ms + 400
+            assert await client.zscore(token_times, lease.token) == ended_ms
+            outcome, wait_ms = await pool._try_acquire("next", None)
+            assert outcome == "wait"
+            assert int(wait_ms) > WINDOW_MS - 200  # a whole window from the end, not the slot
+
+    run(main)
+
+
+def test_a_call_with_no_billed_figure_still_moves_to_its_end(redis_url: str) -> None:
+    async def main() -> None:
+        async with connect(redis_url) as client:
+            pool = pool_of(client, key(ALPHA, rpm=1))
+            calls = constants.RATE_CALLS_KEY.format(name=ALPHA)
+            async with pool.slot() as lease:
+                taken_ms = await client.zscore(calls, lease.token)
+                await asyncio.sleep(0.2)  # the call's own length
+            assert lease.billed_tokens is None
+            assert await client.zscore(calls, lease.token) >= taken_ms + 200
+
+    run(main)
+
+
 def test_a_key_whose_window_is_full_is_passed_over_for_one_with_room(redis_url: str) -> None:
     async def main() -> None:
         async with connect(redis_url) as client:

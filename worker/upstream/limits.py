@@ -19,12 +19,13 @@ A lease that ends while another taker of this process waits is not released on i
 its removal rides on that taker's next attempt, so a busy process makes one round trip per
 call instead of two. Leases only ever go later than they would, never earlier.
 
-Rate limits ride in the same script. A key with `rpm` keeps a sorted set of its calls' start
-times, one with `tpm` a sorted set of its calls' token reservations (amounts in a hash, with
-their total): a slot is only taken on a key whose last window (plus a margin for the trip to
-the upstream) has room for one more call and its tokens, so no slot is held for a call the
-minute would refuse, and a key runs its whole rpm at once, then waits for the window to turn
-(the script says how long, the taker sleeps that long). Tokens are reserved as the estimate x
+Rate limits ride in the same script. A key with `rpm` keeps a sorted set of its calls' times,
+one with `tpm` a sorted set of its calls' token reservations (amounts in a hash, with their
+total), each stamped when the call takes its slot and again when it ends (the upstream saw it
+arrive in between, however late the call was sent): a slot is only taken on a key whose last
+window (plus a margin) has room for one more call and its tokens, so no slot is held for a
+call the minute would refuse, and a key runs its whole rpm at once, then waits for the window
+to turn (the script says how long, the taker sleeps that long). Tokens are reserved as the estimate x
 the model's learnt billed/estimated ratio; the release settles the reservation with the
 billed figure and counts a key's quota (day and month counters, keyed by UTC period, with
 expiry); a key at its quota is out of use until the period turns. The release stays one
@@ -65,27 +66,34 @@ log = logging.getLogger(__name__)
 
 # Ends calls' leases and settles what they billed: a token reservation takes the billed
 # figure (a refused call's, 0), and a key with a quota counts it in the day's and the month's
-# counters. Entries of three fields: key name, token, and '' (nothing to settle) or
-# "flags|billed" (flags 't': the key has a token window, 'q': it has a quota).
+# counters. A call's entries in the key's windows move to `now`, the moment it ended: the
+# upstream saw it arrive somewhere between its slot and its end, and counts its window from
+# then. Entries of three fields: key name, token, and '' (nothing to settle) or
+# "flags|billed" (flags 'r': the key has a call window, 't': a token window, 'q': a quota;
+# billed '' when the call's answer said nothing of it).
 # `learn` ('' or "billed|estimated|model") is what calls of a model billed against their
 # estimates since the last time; the model's ratio (an EWMA) learns from it.
 SETTLE_FUNCTION_LUA = """
-local function settle(prefix, alpha, day, month, learn, first, last)
+local function settle(prefix, alpha, day, month, learn, now, first, last)
   for i = first, last, 3 do
     local name, token = ARGV[i], ARGV[i + 1]
     redis.call('ZREM', prefix .. 'slots:' .. name, token)
-    local flags, billed = string.match(ARGV[i + 2], '^(%a*)|(%d+)$')
-    billed = tonumber(billed)
-    if billed then
+    local flags, billed = string.match(ARGV[i + 2], '^(%a*)|(%d*)$')
+    if flags then
+      billed = tonumber(billed)
+      if string.find(flags, 'r', 1, true) then
+        redis.call('ZADD', prefix .. 'rate:calls:' .. name, 'XX', now, token)
+      end
       if string.find(flags, 't', 1, true) then
+        redis.call('ZADD', prefix .. 'rate:token-times:' .. name, 'XX', now, token)
         local amounts = prefix .. 'rate:token-amounts:' .. name
         local reserved = tonumber(redis.call('HGET', amounts, token))
-        if reserved then
+        if billed and reserved then
           redis.call('HSET', amounts, token, billed)
           redis.call('HINCRBY', amounts, 'sum', billed - reserved)
         end
       end
-      if billed > 0 and string.find(flags, 'q', 1, true) then
+      if billed and billed > 0 and string.find(flags, 'q', 1, true) then
         local daily = prefix .. 'quota:day:' .. name .. ':' .. day
         local monthly = prefix .. 'quota:month:' .. name .. ':' .. month
         redis.call('INCRBY', daily, billed)
@@ -111,7 +119,9 @@ end
 SETTLE_LUA = (
     SETTLE_FUNCTION_LUA
     + """
-settle(ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5], 6, #ARGV)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+settle(ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5], now, 6, #ARGV)
 """
 )
 
@@ -132,10 +142,10 @@ local model = ARGV[13]
 local estimate = tonumber(ARGV[14])
 local first_key = 17 + 3 * tonumber(ARGV[16])
 local gate = prefix .. 'interactive-waiting'
--- Calls this process ended since its last attempt.
-settle(prefix, tonumber(ARGV[6]), day, month, ARGV[15], 17, first_key - 1)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- Calls this process ended since its last attempt.
+settle(prefix, tonumber(ARGV[6]), day, month, ARGV[15], now, 17, first_key - 1)
 local epoch = redis.call('GET', prefix .. 'epoch')
 if not epoch then
   epoch = token
@@ -405,7 +415,10 @@ class KeyPool:
         self._key_args = [
             x.encode() for k in keys for x in (k.name, str(k.max_concurrency), _limits_arg(k))
         ]
-        self._flags = {k.name: ("t" if k.tpm else "") + ("q" if k.has_quota else "") for k in keys}
+        self._flags = {
+            k.name: ("r" if k.rpm else "") + ("t" if k.tpm else "") + ("q" if k.has_quota else "")
+            for k in keys
+        }
         self._has_quotas = any(k.has_quota for k in keys)
         window_ms = int((window_s + constants.RATE_WINDOW_MARGIN_S) * 1000)
         self._static_args = [
@@ -525,9 +538,9 @@ class KeyPool:
             seen[0] += billed
             seen[1] += lease.estimated_tokens
         flags = self._flags[name]
-        if billed is None or not flags:
+        if not flags:
             return name, lease.token, ""
-        return name, lease.token, f"{flags}|{billed}"
+        return name, lease.token, f"{flags}|{'' if billed is None else billed}"
 
     def _learn_arg(self, now_s: float | None = None) -> str:
         """One model's billed and estimated tokens since they were last sent ('' if none, or,
