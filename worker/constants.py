@@ -30,9 +30,9 @@ SLOT_POLL_MAX_S = 0.05
 INTERACTIVE_POLL_MAX_S = 0.01
 INTERACTIVE_GATE_S = 0.5
 # Keys' rpm / tpm hold in any window of this length (RERANK_RATE_WINDOW_S shrinks it for
-# tests). A call counts from the moment it takes its slot, a little before the upstream
-# sees it, so each entry stays this much longer than the window: the upstream's own clock
-# never finds one call more in its window than the limit allows.
+# tests). A call counts from the moment it takes its slot and, once it has ended, from its
+# end (the upstream saw it arrive in between); each entry stays this much longer than the
+# window, so that a call still in flight after a whole window still counts.
 RATE_WINDOW_S = 60.0
 RATE_WINDOW_MARGIN_S = 0.5
 # A call reserves its estimated tokens x the learnt billed/estimated ratio x this, so that

@@ -147,7 +147,7 @@ class Engine:
 
     def close(self) -> None:
         async def _close() -> None:
-            await self.pool.flush()
+            await self.pool.aclose()
             await self._client.aclose()
             await self._redis.aclose()
 

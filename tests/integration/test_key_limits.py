@@ -95,11 +95,13 @@ def test_two_pools_sharing_redis_never_exceed_any_keys_limit(redis_url: str) -> 
 
     async def main() -> None:
         nonlocal finished
-        async with connect(redis_url) as first, connect(redis_url) as second:
-            pools = [
-                KeyPool(first, api_keys(alpha=3, beta=2), lease_s=LEASE_S),
-                KeyPool(second, api_keys(alpha=3, beta=2), lease_s=LEASE_S),
-            ]
+        async with (
+            connect(redis_url) as first,
+            connect(redis_url) as second,
+            KeyPool(first, api_keys(alpha=3, beta=2), lease_s=LEASE_S) as first_pool,
+            KeyPool(second, api_keys(alpha=3, beta=2), lease_s=LEASE_S) as second_pool,
+        ):
+            pools = [first_pool, second_pool]
 
             async def one(i: int) -> None:
                 nonlocal finished
@@ -131,8 +133,10 @@ def test_two_pools_sharing_redis_never_exceed_any_keys_limit(redis_url: str) -> 
 
 def test_a_pool_prefers_the_key_with_the_most_free_slots(redis_url: str) -> None:
     async def main() -> list[str]:
-        async with connect(redis_url) as client:
-            pool = KeyPool(client, api_keys(alpha=3, beta=2), lease_s=LEASE_S)
+        async with (
+            connect(redis_url) as client,
+            KeyPool(client, api_keys(alpha=3, beta=2), lease_s=LEASE_S) as pool,
+        ):
             names: list[str] = []
             async with pool.slot() as a, pool.slot() as b, pool.slot() as c, pool.slot() as d:
                 names = [a.key.name, b.key.name, c.key.name, d.key.name]
@@ -148,14 +152,17 @@ def test_a_pool_prefers_the_key_with_the_most_free_slots(redis_url: str) -> None
 
 def test_a_lease_that_is_never_released_expires_and_the_slot_comes_back(redis_url: str) -> None:
     async def main() -> None:
-        async with connect(redis_url) as dead_conn, connect(redis_url) as live_conn:
+        async with (
+            connect(redis_url) as dead_conn,
+            connect(redis_url) as live_conn,
+            KeyPool(dead_conn, api_keys(alpha=1), lease_s=0.3) as dead,
+            KeyPool(live_conn, api_keys(alpha=1), lease_s=LEASE_S) as live,
+        ):
             # A process that took the only slot and died without releasing it.
-            dead = KeyPool(dead_conn, api_keys(alpha=1), lease_s=0.3)
             assert await dead._try_acquire("dead-holder", None) == ("ok", ALPHA)
             dead_expiry_ms = await live_conn.zscore(slots_key(ALPHA), "dead-holder")
             assert dead_expiry_ms is not None
 
-            live = KeyPool(live_conn, api_keys(alpha=1), lease_s=LEASE_S)
             assert await live._try_acquire("blocked", None) == ("wait", "-1")
 
             async with live.slot() as lease:
@@ -171,8 +178,10 @@ def test_a_lease_that_is_never_released_expires_and_the_slot_comes_back(redis_ur
 
 def test_a_released_slot_is_free_at_once(redis_url: str) -> None:
     async def main() -> None:
-        async with connect(redis_url) as client:
-            pool = KeyPool(client, api_keys(alpha=1), lease_s=LEASE_S)
+        async with (
+            connect(redis_url) as client,
+            KeyPool(client, api_keys(alpha=1), lease_s=LEASE_S) as pool,
+        ):
             async with pool.slot():
                 assert await pool.in_use(ALPHA) == 1
                 assert (await pool._try_acquire("other", None))[0] == "wait"
@@ -184,11 +193,44 @@ def test_a_released_slot_is_free_at_once(redis_url: str) -> None:
 
 def test_a_slot_is_released_when_the_block_raises(redis_url: str) -> None:
     async def main() -> None:
-        async with connect(redis_url) as client:
-            pool = KeyPool(client, api_keys(alpha=1), lease_s=LEASE_S)
+        async with (
+            connect(redis_url) as client,
+            KeyPool(client, api_keys(alpha=1), lease_s=LEASE_S) as pool,
+        ):
             with pytest.raises(RuntimeError):
                 async with pool.slot():
                     raise RuntimeError("the call failed")
+            assert await pool.in_use(ALPHA) == 0
+
+    run(main)
+
+
+def test_a_taker_cancelled_while_its_attempt_is_in_flight_gives_the_slot_back(
+    redis_url: str,
+) -> None:
+    """The script takes the slot in Redis whether or not the taker still waits for the
+    answer; the answer that comes after the cancellation releases it."""
+
+    async def main() -> None:
+        async with (
+            connect(redis_url) as client,
+            KeyPool(client, api_keys(alpha=1), lease_s=LEASE_S) as pool,
+        ):
+            async with pool.slot():  # the slot script's connection is dialled
+                pass
+
+            async def take() -> None:
+                async with pool.slot():
+                    raise AssertionError("the taker was cancelled before its answer")
+
+            taker = asyncio.create_task(take())
+            await asyncio.sleep(0)  # its attempt is written; the answer is not read yet
+            taker.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await taker
+            deadline = time.monotonic() + 5
+            while await pool.in_use(ALPHA) and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
             assert await pool.in_use(ALPHA) == 0
 
     run(main)
@@ -198,8 +240,10 @@ def test_a_process_takes_no_more_than_its_share_of_the_slots(redis_url: str) -> 
     """One of several processes of a worker waits for its own slots, not for Redis."""
 
     async def main() -> None:
-        async with connect(redis_url) as client:
-            pool = ObservedPool(client, api_keys(alpha=2, beta=2), lease_s=LEASE_S, local_slots=1)
+        async with (
+            connect(redis_url) as client,
+            ObservedPool(client, api_keys(alpha=2, beta=2), lease_s=LEASE_S, local_slots=1) as pool,
+        ):
 
             async def in_use() -> int:
                 return await pool.in_use(ALPHA) + await pool.in_use(BETA)
@@ -265,8 +309,10 @@ def test_a_lease_handed_to_a_waiting_taker_is_released_by_its_attempt(redis_url:
     """One round trip per call while busy: the ending lease rides on the next attempt."""
 
     async def main() -> None:
-        async with connect(redis_url) as client:
-            pool = CountingPool(client, api_keys(alpha=1), lease_s=LEASE_S)
+        async with (
+            connect(redis_url) as client,
+            CountingPool(client, api_keys(alpha=1), lease_s=LEASE_S) as pool,
+        ):
             second_got = asyncio.Event()
 
             async def second() -> None:
@@ -290,8 +336,10 @@ def test_a_lease_handed_to_a_waiting_taker_is_released_by_its_attempt(redis_url:
 
 def test_a_lease_handed_to_a_taker_cancelled_meanwhile_is_still_released(redis_url: str) -> None:
     async def main() -> None:
-        async with connect(redis_url) as client:
-            pool = CountingPool(client, api_keys(alpha=1), lease_s=LEASE_S)
+        async with (
+            connect(redis_url) as client,
+            CountingPool(client, api_keys(alpha=1), lease_s=LEASE_S) as pool,
+        ):
 
             async def second() -> None:
                 async with pool.slot():
@@ -316,8 +364,10 @@ def test_a_lease_handed_to_a_taker_cancelled_meanwhile_is_still_released(redis_u
 
 def test_flush_releases_ended_leases_before_a_process_stops(redis_url: str) -> None:
     async def main() -> None:
-        async with connect(redis_url) as client:
-            pool = KeyPool(client, api_keys(alpha=2), lease_s=LEASE_S)
+        async with (
+            connect(redis_url) as client,
+            KeyPool(client, api_keys(alpha=2), lease_s=LEASE_S) as pool,
+        ):
             token = "ended-elsewhere"
             assert await pool._try_acquire(token, None) == ("ok", ALPHA)
             pool._ended.append((ALPHA, token, ""))  # as a lease handed to a taker that never ran
@@ -332,8 +382,10 @@ def test_flush_releases_ended_leases_before_a_process_stops(redis_url: str) -> N
 
 def test_a_paused_key_gets_no_calls_until_the_pause_ends(redis_url: str) -> None:
     async def main() -> None:
-        async with connect(redis_url) as client:
-            pool = KeyPool(client, api_keys(alpha=3, beta=2), lease_s=LEASE_S)
+        async with (
+            connect(redis_url) as client,
+            KeyPool(client, api_keys(alpha=3, beta=2), lease_s=LEASE_S) as pool,
+        ):
             await pool.pause(ALPHA, 1.0)
             assert 0 < await client.pttl(pause_key(ALPHA)) <= 1000
 
@@ -357,8 +409,10 @@ def test_a_paused_key_gets_no_calls_until_the_pause_ends(redis_url: str) -> None
 
 def test_with_beta_full_a_call_waits_for_alphas_pause_to_end(redis_url: str) -> None:
     async def main() -> None:
-        async with connect(redis_url) as client:
-            pool = KeyPool(client, api_keys(alpha=3, beta=2), lease_s=LEASE_S)
+        async with (
+            connect(redis_url) as client,
+            KeyPool(client, api_keys(alpha=3, beta=2), lease_s=LEASE_S) as pool,
+        ):
             await pool.pause(ALPHA, 1.0)
             # Two calls elsewhere hold both of beta's slots.
             assert await pool._try_acquire("beta-1", None) == ("ok", BETA)
@@ -378,8 +432,10 @@ def test_with_beta_full_a_call_waits_for_alphas_pause_to_end(redis_url: str) -> 
 
 def test_with_only_a_paused_key_a_call_waits_until_the_pause_ends(redis_url: str) -> None:
     async def main() -> None:
-        async with connect(redis_url) as client:
-            pool = KeyPool(client, api_keys(alpha=2), lease_s=LEASE_S)
+        async with (
+            connect(redis_url) as client,
+            KeyPool(client, api_keys(alpha=2), lease_s=LEASE_S) as pool,
+        ):
             await pool.pause(ALPHA, 0.5)
             started = time.monotonic()
             remaining_ms = await client.pttl(pause_key(ALPHA))
@@ -396,8 +452,10 @@ def test_with_only_a_paused_key_a_call_waits_until_the_pause_ends(redis_url: str
 
 def test_a_shorter_later_pause_does_not_shorten_a_longer_one(redis_url: str) -> None:
     async def main() -> None:
-        async with connect(redis_url) as client:
-            pool = KeyPool(client, api_keys(alpha=2), lease_s=LEASE_S)
+        async with (
+            connect(redis_url) as client,
+            KeyPool(client, api_keys(alpha=2), lease_s=LEASE_S) as pool,
+        ):
             await pool.pause(ALPHA, 30)
             await pool.pause(ALPHA, 0.1)
             assert await client.pttl(pause_key(ALPHA)) > 29_000
@@ -410,9 +468,12 @@ def test_a_shorter_later_pause_does_not_shorten_a_longer_one(redis_url: str) -> 
 
 def test_a_pause_is_seen_by_every_pool(redis_url: str) -> None:
     async def main() -> None:
-        async with connect(redis_url) as one, connect(redis_url) as two:
-            pausing = KeyPool(one, api_keys(alpha=3, beta=2), lease_s=LEASE_S)
-            other = KeyPool(two, api_keys(alpha=3, beta=2), lease_s=LEASE_S)
+        async with (
+            connect(redis_url) as one,
+            connect(redis_url) as two,
+            KeyPool(one, api_keys(alpha=3, beta=2), lease_s=LEASE_S) as pausing,
+            KeyPool(two, api_keys(alpha=3, beta=2), lease_s=LEASE_S) as other,
+        ):
             await pausing.pause(ALPHA, 30)
             for _ in range(5):
                 async with other.slot() as lease:
@@ -426,8 +487,10 @@ def test_a_pause_is_seen_by_every_pool(redis_url: str) -> None:
 
 def test_with_every_key_out_of_use_a_call_fails_naming_the_keys(redis_url: str) -> None:
     async def main() -> str:
-        async with connect(redis_url) as client:
-            pool = KeyPool(client, api_keys(alpha=3, beta=2), lease_s=LEASE_S)
+        async with (
+            connect(redis_url) as client,
+            KeyPool(client, api_keys(alpha=3, beta=2), lease_s=LEASE_S) as pool,
+        ):
             await pool.take_out_of_use(ALPHA, "HTTP 401 invalid key", None)
             await pool.take_out_of_use(BETA, "insufficient balance", 3600)
             with pytest.raises(errors.NoUsableKey) as caught:
@@ -446,8 +509,10 @@ def test_a_key_out_of_use_gets_no_calls_and_comes_back_when_its_time_is_up(
     redis_url: str,
 ) -> None:
     async def main() -> None:
-        async with connect(redis_url) as client:
-            pool = KeyPool(client, api_keys(alpha=3, beta=2), lease_s=LEASE_S)
+        async with (
+            connect(redis_url) as client,
+            KeyPool(client, api_keys(alpha=3, beta=2), lease_s=LEASE_S) as pool,
+        ):
             await pool.take_out_of_use(ALPHA, "daily quota", 0.3)
             revoked = constants.REVOKED_KEY.format(name=ALPHA)
             assert 0 < await client.pttl(revoked) <= 300
@@ -466,8 +531,10 @@ def test_a_key_out_of_use_gets_no_calls_and_comes_back_when_its_time_is_up(
 
 def test_a_cancel_mark_stops_the_jobs_calls_only(redis_url: str) -> None:
     async def main() -> None:
-        async with connect(redis_url) as client:
-            pool = KeyPool(client, api_keys(alpha=2), lease_s=LEASE_S)
+        async with (
+            connect(redis_url) as client,
+            KeyPool(client, api_keys(alpha=2), lease_s=LEASE_S) as pool,
+        ):
             await client.set(constants.CANCELLED_JOB_KEY.format(job_id=job("job-1")), "1")
             with pytest.raises(errors.Cancelled):
                 async with pool.slot(job("job-1")):
@@ -483,9 +550,12 @@ def test_a_cancel_mark_stops_the_jobs_calls_only(redis_url: str) -> None:
 
 def test_a_call_waiting_for_a_slot_is_cancelled_by_a_later_mark(redis_url: str) -> None:
     async def main() -> None:
-        async with connect(redis_url) as one, connect(redis_url) as two:
-            holder = KeyPool(one, api_keys(alpha=1), lease_s=LEASE_S)
-            waiter = ObservedPool(two, api_keys(alpha=1), lease_s=LEASE_S)
+        async with (
+            connect(redis_url) as one,
+            connect(redis_url) as two,
+            KeyPool(one, api_keys(alpha=1), lease_s=LEASE_S) as holder,
+            ObservedPool(two, api_keys(alpha=1), lease_s=LEASE_S) as waiter,
+        ):
 
             async def wait_for_slot() -> None:
                 async with waiter.slot(job("job-9")):

@@ -40,10 +40,12 @@ def run(main: Callable[[], Awaitable[Any]], timeout_s: float = 30.0) -> Any:
 @asynccontextmanager
 async def pools(redis_url: str, slots: int, count: int) -> AsyncIterator[list[KeyPool]]:
     clients = [aioredis.Redis.from_url(redis_url) for _ in range(count)]
+    made = [KeyPool(c, keys(slots), lease_s=LEASE_S, prefix=PREFIX) for c in clients]
     try:
-        yield [KeyPool(c, keys(slots), lease_s=LEASE_S, prefix=PREFIX) for c in clients]
+        yield made
     finally:
-        for client in clients:
+        for pool, client in zip(made, clients, strict=True):
+            await pool.aclose()
             await client.aclose()
 
 

@@ -45,8 +45,10 @@ async def token_sum(client: aioredis.Redis, name: str) -> int:
 
 def test_a_key_runs_its_whole_rpm_at_once_then_waits_for_the_window(redis_url: str) -> None:
     async def main() -> None:
-        async with connect(redis_url) as client:
-            pool = pool_of(client, key(ALPHA, slots=8, rpm=5))
+        async with (
+            connect(redis_url) as client,
+            pool_of(client, key(ALPHA, slots=8, rpm=5)) as pool,
+        ):
             for i in range(5):
                 assert await pool._try_acquire(f"t{i}", None) == ("ok", ALPHA)
             outcome, wait_ms = await pool._try_acquire("sixth", None)
@@ -67,8 +69,10 @@ def test_a_call_counts_in_its_windows_from_when_it_ended(redis_url: str) -> None
     would open early by the call's delay and the upstream refuse."""
 
     async def main() -> None:
-        async with connect(redis_url) as client:
-            pool = pool_of(client, key(ALPHA, rpm=1, tpm=10_000))
+        async with (
+            connect(redis_url) as client,
+            pool_of(client, key(ALPHA, rpm=1, tpm=10_000)) as pool,
+        ):
             calls = constants.RATE_CALLS_KEY.format(name=ALPHA)
             token_times = constants.RATE_TOKEN_TIMES_KEY.format(name=ALPHA)
             async with pool.slot(model=MODEL, estimated_tokens=100) as lease:
@@ -88,8 +92,7 @@ def test_a_call_counts_in_its_windows_from_when_it_ended(redis_url: str) -> None
 
 def test_a_call_with_no_billed_figure_still_moves_to_its_end(redis_url: str) -> None:
     async def main() -> None:
-        async with connect(redis_url) as client:
-            pool = pool_of(client, key(ALPHA, rpm=1))
+        async with connect(redis_url) as client, pool_of(client, key(ALPHA, rpm=1)) as pool:
             calls = constants.RATE_CALLS_KEY.format(name=ALPHA)
             async with pool.slot() as lease:
                 taken_ms = await client.zscore(calls, lease.token)
@@ -102,8 +105,10 @@ def test_a_call_with_no_billed_figure_still_moves_to_its_end(redis_url: str) -> 
 
 def test_a_key_whose_window_is_full_is_passed_over_for_one_with_room(redis_url: str) -> None:
     async def main() -> None:
-        async with connect(redis_url) as client:
-            pool = pool_of(client, key(ALPHA, slots=8, rpm=2), key(BETA, slots=2))
+        async with (
+            connect(redis_url) as client,
+            pool_of(client, key(ALPHA, slots=8, rpm=2), key(BETA, slots=2)) as pool,
+        ):
             names = [(await pool._try_acquire(f"t{i}", None))[1] for i in range(4)]
             assert sorted(names) == [ALPHA, ALPHA, BETA, BETA]
             # Both of beta's slots are taken, alpha's window is full: a poll, not a long wait.
@@ -116,8 +121,7 @@ def test_tokens_are_reserved_from_the_estimate_and_settled_with_the_billed_figur
     redis_url: str,
 ) -> None:
     async def main() -> None:
-        async with connect(redis_url) as client:
-            pool = pool_of(client, key(ALPHA, tpm=10_000))
+        async with connect(redis_url) as client, pool_of(client, key(ALPHA, tpm=10_000)) as pool:
             factor = constants.TOKEN_RESERVE_FACTOR
             async with pool.slot(model=MODEL, estimated_tokens=1000) as lease:
                 assert await token_sum(client, ALPHA) == round(1000 * factor)
@@ -143,8 +147,7 @@ def test_a_window_of_only_refused_calls_passes_and_the_key_takes_calls_again(
     script frees 0 tokens (once sent to Redis as "-0", which HINCRBY refused)."""
 
     async def main() -> None:
-        async with connect(redis_url) as client:
-            pool = pool_of(client, key(ALPHA, tpm=3000))
+        async with connect(redis_url) as client, pool_of(client, key(ALPHA, tpm=3000)) as pool:
             for _ in range(2):
                 async with pool.slot(model=MODEL, estimated_tokens=1000) as lease:
                     lease.billed_tokens = 0
@@ -161,8 +164,7 @@ def test_a_call_that_does_not_fit_the_token_window_waits_until_enough_leaves(
     redis_url: str,
 ) -> None:
     async def main() -> None:
-        async with connect(redis_url) as client:
-            pool = pool_of(client, key(ALPHA, tpm=3000))
+        async with connect(redis_url) as client, pool_of(client, key(ALPHA, tpm=3000)) as pool:
             for _ in range(2):
                 async with pool.slot(model=MODEL, estimated_tokens=1000) as lease:
                     lease.billed_tokens = 1400
@@ -182,8 +184,10 @@ def test_a_key_at_its_daily_quota_is_out_of_use_and_the_other_carries_on(
     redis_url: str,
 ) -> None:
     async def main() -> str:
-        async with connect(redis_url) as client:
-            pool = pool_of(client, key(ALPHA, daily_tokens=1500), key(BETA, slots=1))
+        async with (
+            connect(redis_url) as client,
+            pool_of(client, key(ALPHA, daily_tokens=1500), key(BETA, slots=1)) as pool,
+        ):
             async with pool.slot(model=MODEL, estimated_tokens=100) as lease:
                 assert lease.key.name == ALPHA
                 lease.billed_tokens = 1600
@@ -205,8 +209,10 @@ def test_a_key_at_its_daily_quota_is_out_of_use_and_the_other_carries_on(
 
 def test_a_monthly_quota_is_counted_and_named_likewise(redis_url: str) -> None:
     async def main() -> str:
-        async with connect(redis_url) as client:
-            pool = pool_of(client, key(ALPHA, monthly_tokens=10))
+        async with (
+            connect(redis_url) as client,
+            pool_of(client, key(ALPHA, monthly_tokens=10)) as pool,
+        ):
             async with pool.slot(model=MODEL, estimated_tokens=5) as lease:
                 lease.billed_tokens = 10
             with pytest.raises(errors.NoUsableKey) as caught:
@@ -219,9 +225,12 @@ def test_a_monthly_quota_is_counted_and_named_likewise(redis_url: str) -> None:
 
 def test_rate_state_is_shared_by_pools_on_separate_connections(redis_url: str) -> None:
     async def main() -> None:
-        async with connect(redis_url) as one, connect(redis_url) as two:
-            first = pool_of(one, key(ALPHA, rpm=3))
-            second = pool_of(two, key(ALPHA, rpm=3))
+        async with (
+            connect(redis_url) as one,
+            connect(redis_url) as two,
+            pool_of(one, key(ALPHA, rpm=3)) as first,
+            pool_of(two, key(ALPHA, rpm=3)) as second,
+        ):
 
             async def take(pool: KeyPool) -> float:
                 async with pool.slot():
@@ -238,8 +247,10 @@ def test_rate_state_is_shared_by_pools_on_separate_connections(redis_url: str) -
 
 def test_the_ratio_learns_from_every_key_and_a_flush_sends_what_is_left(redis_url: str) -> None:
     async def main() -> None:
-        async with connect(redis_url) as client:
-            pool = pool_of(client, key(ALPHA))  # no window, no quota: a plain key
+        async with (
+            connect(redis_url) as client,
+            pool_of(client, key(ALPHA)) as pool,
+        ):  # no window, no quota: a plain key
             async with pool.slot(model=MODEL, estimated_tokens=100) as lease:
                 lease.billed_tokens = 300
             assert await client.hget(constants.TOKEN_RATIO_KEY, MODEL) is None  # not yet sent

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 from conftest import PAUSE_GRACE_MS, SECRETS, Env, OwnRedis, api_keys
 from jobs_support import expected_results, make_requests, results_of, submit, wait_ok, write_jsonl
 from pydantic import SecretStr
@@ -271,46 +270,49 @@ async def second_pool_waits_for_the_holder(
     their lease; pool B asks for a slot after the restart. Returns what the test saw."""
     ledger = SlotLedger()
     loop = asyncio.get_running_loop()
-    client_a = aioredis.Redis.from_url(own_redis.url)
-    client_b = aioredis.Redis.from_url(own_redis.url)
+    # The engine's own client: a pooled connection that the restart closed is dialled anew.
+    client_a = redis_clients.async_redis(own_redis.url)
+    client_b = redis_clients.async_redis(own_redis.url)
     try:
-        a = KeyPool(client_a, alpha_of_2(), lease_s=POOL_LEASE_S, witness=witness)
-        b = ObservedPool(client_b, alpha_of_2(), lease_s=POOL_LEASE_S, witness=witness)
-        if other_acquired_before:
-            async with ledger.hold(b):  # B has seen the epoch
-                pass
-        async with AsyncExitStack() as a_slots:
-            taken = await hold_two_then_restart(own_redis, ledger, a, a_slots, persist, witness)
-            restarted = loop.time()
-            got_slot = asyncio.Event()
+        async with (
+            KeyPool(client_a, alpha_of_2(), lease_s=POOL_LEASE_S, witness=witness) as a,
+            ObservedPool(client_b, alpha_of_2(), lease_s=POOL_LEASE_S, witness=witness) as b,
+        ):
+            if other_acquired_before:
+                async with ledger.hold(b):  # B has seen the epoch
+                    pass
+            async with AsyncExitStack() as a_slots:
+                taken = await hold_two_then_restart(own_redis, ledger, a, a_slots, persist, witness)
+                restarted = loop.time()
+                got_slot = asyncio.Event()
 
-            async def take_one() -> float:
-                async with ledger.hold(b) as at:
-                    got_slot.set()
-                    return at
+                async def take_one() -> float:
+                    async with ledger.hold(b) as at:
+                        got_slot.set()
+                        return at
 
-            b_task = asyncio.create_task(take_one())
-            # A's calls go on until HOLD_S after they took their slots, as a real call ends
-            # within its timeout, unless B already (wrongly) got a slot.
-            async with asyncio.timeout(30):
-                while not (b.told_to_wait.is_set() or got_slot.is_set()):
-                    await asyncio.sleep(0.01)
-            remaining = taken + HOLD_S - loop.time()
-            if remaining > 0:
-                with suppress(TimeoutError):
-                    await asyncio.wait_for(got_slot.wait(), remaining)
-            ended_before = len(ledger.ended_at)
-        # A's first slot to go frees one: B may take it while A releases its other one.
-        released = ledger.ended_at[ended_before]
-        granted = await asyncio.wait_for(b_task, POOL_LEASE_S + 10)
-        redis_count = await b.in_use("alpha")
-        return {
-            "peak": ledger.peak,
-            "restarted": restarted,
-            "released": released,
-            "granted": granted,
-            "redis_count_after": redis_count,
-        }
+                b_task = asyncio.create_task(take_one())
+                # A's calls go on until HOLD_S after they took their slots, as a real call ends
+                # within its timeout, unless B already (wrongly) got a slot.
+                async with asyncio.timeout(30):
+                    while not (b.told_to_wait.is_set() or got_slot.is_set()):
+                        await asyncio.sleep(0.01)
+                remaining = taken + HOLD_S - loop.time()
+                if remaining > 0:
+                    with suppress(TimeoutError):
+                        await asyncio.wait_for(got_slot.wait(), remaining)
+                ended_before = len(ledger.ended_at)
+            # A's first slot to go frees one: B may take it while A releases its other one.
+            released = ledger.ended_at[ended_before]
+            granted = await asyncio.wait_for(b_task, POOL_LEASE_S + 10)
+            redis_count = await b.in_use("alpha")
+            return {
+                "peak": ledger.peak,
+                "restarted": restarted,
+                "released": released,
+                "granted": granted,
+                "redis_count_after": redis_count,
+            }
     finally:
         await client_a.aclose()
         await client_b.aclose()
@@ -369,12 +371,12 @@ def test_key_pool_slots_released_after_redis_restarted_with_its_data_are_free_at
     async def main() -> int:
         client = redis_clients.async_redis(own_redis.url)
         try:
-            pool = KeyPool(client, alpha_of_2(), lease_s=60)
-            async with pool.slot(), pool.slot():
-                assert await pool.in_use("alpha") == 2
-                await asyncio.to_thread(own_redis.restart, True)
-                assert own_redis.ping()
-            return await pool.in_use("alpha")
+            async with KeyPool(client, alpha_of_2(), lease_s=60) as pool:
+                async with pool.slot(), pool.slot():
+                    assert await pool.in_use("alpha") == 2
+                    await asyncio.to_thread(own_redis.restart, True)
+                    assert own_redis.ping()
+                return await pool.in_use("alpha")
         finally:
             await client.aclose()
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import random
 import time
@@ -61,6 +62,7 @@ import redis.asyncio as aioredis
 
 from worker import constants, errors, metrics
 from worker.settings import ApiKey
+from worker.upstream.redis_lane import RedisLane, Script
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +408,8 @@ class KeyPool:
         metrics.show_rate_limits(keys)
         self._lease_ms = int(lease_s * 1000)
         self._prefix = prefix
-        self._acquire = redis.register_script(ACQUIRE_LUA)
+        self._acquire = Script(ACQUIRE_LUA)
+        self._lane = RedisLane(redis)
         self._pause = redis.register_script(PAUSE_LUA)
         # A process never holds more than every key's slots (or its share of them, when it is
         # one of several of a worker); waiting here costs no Redis calls.
@@ -477,8 +480,9 @@ class KeyPool:
         model, estimated = self._asks.get(token, ("", 0)) if self._uses_estimates else ("", 0)
         learn = self._learn_arg(time.monotonic())
         try:
-            outcome, value, epoch = await self._acquire(
-                args=[
+            outcome, value, epoch = await self._lane.run_script(
+                self._acquire,
+                [
                     *self._static_args,
                     *self._periods(),
                     token,
@@ -491,20 +495,13 @@ class KeyPool:
                     len(ended),
                     *(x for entry in ended for x in entry),
                     *self._key_args,
-                ]
+                ],
+                if_abandoned=functools.partial(self._give_back, token),
             )
         except BaseException:
             self._ended += ended  # not sent: the next attempt, or the flush, releases them
             self._unsent(learn)
             raise
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            # redis-py (8.1) can swallow a cancellation that lands while it reconnects; the
-            # taker would then poll on for ever. Give back what the script took, and stop.
-            if _text(outcome) == "ok":
-                self._ended.append(self._ended_entry(Lease(self._keys[_text(value)], token)))
-                asyncio.get_running_loop().call_soon(self._flush_ended)
-            raise asyncio.CancelledError
         epoch = _text(epoch)
         if epoch != self._epoch:
             if self._epoch is not None:
@@ -513,6 +510,12 @@ class KeyPool:
             if self._witness is not None:
                 self._witness.saw(epoch)
         return _text(outcome), _text(value)
+
+    def _give_back(self, token: str, reply: object) -> None:
+        """Release the slot an attempt took if its taker was cancelled before the answer."""
+        if isinstance(reply, list) and reply[0] == b"ok":
+            self._ended.append(self._ended_entry(Lease(self._keys[_text(reply[1])], token)))
+            self._flush_ended()
 
     async def _restore_held(self) -> None:
         log.warning("action=redis_state_lost held_leases=%d", len(self._held))
@@ -622,6 +625,17 @@ class KeyPool:
         task = asyncio.get_running_loop().create_task(self._release(ended))
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
+
+    async def aclose(self) -> None:
+        """Release what is left to release, then close the slot script's connection."""
+        await self.flush()
+        await self._lane.aclose()
+
+    async def __aenter__(self) -> KeyPool:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
     async def flush(self) -> None:
         """Release every ended lease, and send what the ratios are to learn, now (before the
