@@ -189,11 +189,14 @@ class Reranker:
                     outcome.calls.append(
                         self._record(work, lease.key.name, size, started, error=exc)
                     )
+                    # Paused or out of use before the slot is given back, so that no taker
+                    # waiting for it slips in between and calls the key again.
                     if isinstance(exc, errors.RateLimited):
                         lease.billed_tokens = 0  # refused: nothing counted upstream
-                        # Paused before the slot is given back, so nobody slips in between.
                         await self._pool.pause(lease.key.name, self._pause_s(exc, failures + 1))
                         metrics.KEY_PAUSES.labels(lease.key.name).inc()
+                    elif isinstance(exc, errors.KeyUnusable):
+                        await self._take_out_of_use(exc)
                 else:
                     outcome.calls.append(
                         self._record(work, lease.key.name, size, started, result=result)
@@ -238,10 +241,7 @@ class Reranker:
         """Decide what a failed attempt means; raise to fail the part, else wait and go on."""
         key_name = error.key_name or "?"
         if isinstance(error, errors.KeyUnusable):
-            await self._pool.take_out_of_use(key_name, error.message, error.until_s)
-            metrics.KEY_RETIREMENTS.labels(key_name, str(error.status_code)).inc()
-            log.warning("action=key_out_of_use key=%s status=%s", key_name, error.status_code)
-            return failures
+            return failures  # the key is out of use: go on at once on another
         if not isinstance(error, errors.RetryableError):
             raise error
         failures += 1
@@ -263,6 +263,12 @@ class Reranker:
         )
         await asyncio.sleep(delay_s)
         return failures
+
+    async def _take_out_of_use(self, error: errors.KeyUnusable) -> None:
+        key_name = error.key_name or "?"
+        await self._pool.take_out_of_use(key_name, error.message, error.until_s)
+        metrics.KEY_RETIREMENTS.labels(key_name, str(error.status_code)).inc()
+        log.warning("action=key_out_of_use key=%s status=%s", key_name, error.status_code)
 
     def _pause_s(self, error: errors.RateLimited, failures: int) -> float:
         if error.retry_after_s is not None:

@@ -25,13 +25,15 @@ total), each stamped when the call takes its slot and again when it ends (the up
 arrive in between, however late the call was sent): a slot is only taken on a key whose last
 window (plus a margin) has room for one more call and its tokens, so no slot is held for a
 call the minute would refuse, and a key runs its whole rpm at once, then waits for the window
-to turn (the script says how long, the taker sleeps that long). Tokens are reserved as the estimate x
-the model's learnt billed/estimated ratio; the release settles the reservation with the
-billed figure and counts a key's quota (day and month counters, keyed by UTC period, with
-expiry); a key at its quota is out of use until the period turns. The release stays one
+to turn (the script says how long, the taker sleeps that long). Tokens are reserved as the
+estimate x the model's learnt billed/estimated ratio; the release settles the reservation
+with the billed figure and counts a key's quota (day and month counters, keyed by UTC period,
+with expiry); a key at its quota is out of use until the period turns. The release stays one
 round trip (a script for a key with a window or quota, a ZREM for any other), or rides on
 the next attempt as before. What calls billed against their estimates is summed in the
 process and sent with a later attempt, where the ratio (an EWMA per model) learns from it.
+
+The slot script goes over a connection of its own (`redis_lane`), the rest over redis-py.
 
 Interactive takers go first. In a process, a priority semaphore serves them before any
 waiting bulk taker. Across processes and hosts, an interactive taker that is told to wait

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -44,7 +45,7 @@ class _Replies(asyncio.Protocol):
     """One connection: commands written as they come, each reply to the oldest waiter."""
 
     def __init__(self) -> None:
-        self.lost: redis.exceptions.ConnectionError | None = None
+        self.lost: str | None = None  # why the connection is gone
         self._transport: asyncio.Transport | None = None
         self._reader = hiredis.Reader()
         self._waiting: collections.deque[tuple[asyncio.Future[Any], Abandoned | None]] = (
@@ -67,17 +68,17 @@ class _Replies(asyncio.Protocol):
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = redis.exceptions.ConnectionError(
-            f"Redis connection lost ({type(exc).__name__ if exc else 'closed'})"
+        self.lost = (
+            self.lost or f"Redis connection lost ({type(exc).__name__ if exc else 'closed'})"
         )
         while self._waiting:
             waiter, _ = self._waiting.popleft()
             if not waiter.done():
-                waiter.set_exception(self.lost)
+                waiter.set_exception(redis.exceptions.ConnectionError(self.lost))
 
     def send(self, command: Sequence[Arg], if_abandoned: Abandoned | None) -> asyncio.Future[Any]:
         if self.lost is not None:
-            raise self.lost
+            raise redis.exceptions.ConnectionError(self.lost)
         assert self._transport is not None
         waiter = asyncio.get_running_loop().create_future()
         self._waiting.append((waiter, if_abandoned))
@@ -86,6 +87,8 @@ class _Replies(asyncio.Protocol):
         return waiter
 
     def close(self) -> None:
+        """Drop the connection; the commands in flight fail, the next one dials anew."""
+        self.lost = self.lost or "Redis connection closed"
         if self._transport is not None:
             self._transport.abort()
 
@@ -173,7 +176,7 @@ class RedisLane:
         return replies
 
     async def _handshake(self, replies: _Replies) -> None:
-        """AUTH and SELECT as the URL asks, sent together."""
+        """AUTH and SELECT as the URL asks, and a name that CLIENT LIST shows, sent together."""
         settings = self._settings
         commands: list[tuple[Arg, ...]] = []
         if settings.get("password"):
@@ -182,10 +185,16 @@ class RedisLane:
             commands.append(("AUTH", user, password) if user else ("AUTH", password))
         if settings.get("db"):
             commands.append(("SELECT", settings["db"]))
+        commands.append(("CLIENT", "SETNAME", connection_name()))
         for waiter in [replies.send(command, None) for command in commands]:
             reply = await waiter
             if isinstance(reply, hiredis.ReplyError):
                 raise _error(str(reply))
+
+
+def connection_name() -> str:
+    """What CLIENT LIST calls this process's slot script connection."""
+    return f"rerank-slots-{os.getpid()}"
 
 
 def _error(message: str) -> redis.exceptions.RedisError:
