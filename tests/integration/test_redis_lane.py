@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -154,36 +154,50 @@ def test_the_database_of_the_url_is_selected(redis_url: str) -> None:
     run(main)
 
 
-@pytest.fixture
-def guarded_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    """A redis-server of this test's own, on a port and a unix socket, with a password for
-    the default user and a user 'lane' of its own."""
-    port, socket_path = free_port(), tmp_path / "redis.sock"
+@contextmanager
+def serving(
+    command: list[str], probe: redis.Redis, log: Path, unsupported: str | None = None
+) -> Iterator[None]:
+    """A redis-server of the test's own, from when it answers PING to the end of the block.
+    Given `unsupported`, one that exits at once is skipped as a build without what it was
+    asked for; else that fails the test."""
     server = subprocess.Popen(
-        [
-            embedded.find_redis_server(), "--port", str(port), "--bind", "127.0.0.1",
-            "--unixsocket", str(socket_path), "--save", "", "--appendonly", "no",
-            "--dir", str(tmp_path), "--requirepass", PASSWORD,
-            "--user", "lane", "on", f">{PASSWORD}-lane", "~*", "+@all",
-        ],
+        [*command, "--save", "", "--appendonly", "no", "--logfile", str(log)],
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
-        probe = redis.Redis(port=port, password=PASSWORD, socket_connect_timeout=1)
         deadline = time.monotonic() + 10
         while True:
             try:
                 probe.ping()
                 break
             except redis.exceptions.ConnectionError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError("the guarded redis-server did not start") from None
+                exited = server.poll() is not None
+                if exited and unsupported is not None:
+                    pytest.skip(f"{unsupported}: {log.read_text()[-300:]}")
+                if exited or time.monotonic() > deadline:
+                    raise AssertionError(f"redis-server did not start: {log.read_text()}") from None
                 time.sleep(0.025)
-        probe.close()
-        yield port, socket_path
+        yield
     finally:
+        probe.close()
         server.terminate()
         server.wait(timeout=10)
+
+
+@pytest.fixture
+def guarded_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A redis-server of this test's own, on a port and a unix socket, with a password for
+    the default user and a user 'lane' of its own."""
+    port, socket_path = free_port(), tmp_path / "redis.sock"
+    command = [
+        embedded.find_redis_server(), "--port", str(port), "--bind", "127.0.0.1",
+        "--unixsocket", str(socket_path), "--dir", str(tmp_path), "--requirepass", PASSWORD,
+        "--user", "lane", "on", f">{PASSWORD}-lane", "~*", "+@all",
+    ]  # fmt: skip
+    probe = redis.Redis(port=port, password=PASSWORD, socket_connect_timeout=1)
+    with serving(command, probe, tmp_path / "redis.log"):
+        yield port, socket_path
 
 
 @pytest.mark.parametrize("form", ["password", "user", "unix socket"])
@@ -230,34 +244,14 @@ def tls_redis(tmp_path: Path) -> Iterator[int]:
         check=True, capture_output=True,
     )  # fmt: skip
     port = free_port()
-    log = tmp_path / "redis.log"
-    server = subprocess.Popen(
-        [
-            server_binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-            "--tls-cert-file", str(cert), "--tls-key-file", str(key),
-            "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
-            "--save", "", "--appendonly", "no", "--dir", str(tmp_path), "--logfile", str(log),
-        ],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        probe = redis.Redis(port=port, ssl=True, ssl_cert_reqs="none", socket_connect_timeout=1)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                probe.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                if server.poll() is not None:
-                    pytest.skip(f"this redis-server does not serve TLS: {log.read_text()[-300:]}")
-                if time.monotonic() > deadline:
-                    raise AssertionError("the TLS redis-server did not start") from None
-                time.sleep(0.025)
-        probe.close()
+    command = [
+        server_binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+        "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+        "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no", "--dir", str(tmp_path),
+    ]  # fmt: skip
+    probe = redis.Redis(port=port, ssl=True, ssl_cert_reqs="none", socket_connect_timeout=1)
+    with serving(command, probe, tmp_path / "redis.log", "this redis-server does not serve TLS"):
         yield port
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def test_a_tls_redis_is_reached_over_tls(tls_redis: int) -> None:
