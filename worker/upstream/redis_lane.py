@@ -27,6 +27,7 @@ from typing import Any, cast
 import hiredis
 import redis
 import redis.asyncio as aioredis
+from redis._parsers import BaseParser
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 
 Arg = bytes | str | int | float
@@ -134,9 +135,7 @@ class RedisLane:
             if if_abandoned is not None and answered:
                 if_abandoned(waiter.result())
             raise
-        if isinstance(reply, hiredis.ReplyError):
-            raise _error(str(reply))
-        return reply
+        return _answer(reply)
 
     async def _connected(self) -> _Replies:
         replies = self._replies
@@ -187,9 +186,7 @@ class RedisLane:
             commands.append(("SELECT", settings["db"]))
         commands.append(("CLIENT", "SETNAME", connection_name()))
         for waiter in [replies.send(command, None) for command in commands]:
-            reply = await waiter
-            if isinstance(reply, hiredis.ReplyError):
-                raise _error(str(reply))
+            _answer(await waiter)
 
 
 def connection_name() -> str:
@@ -197,12 +194,8 @@ def connection_name() -> str:
     return f"rerank-slots-{os.getpid()}"
 
 
-def _error(message: str) -> redis.exceptions.RedisError:
-    """redis-py's exception for an error reply, as its own parser would raise it."""
-    if message.startswith("NOSCRIPT"):
-        return redis.exceptions.NoScriptError(message)
-    if message.startswith("LOADING"):
-        return redis.exceptions.BusyLoadingError(message)
-    if message.startswith(("NOAUTH", "WRONGPASS", "ERR invalid password")):
-        return redis.exceptions.AuthenticationError(message)
-    return redis.exceptions.ResponseError(message)
+def _answer(reply: Any) -> Any:
+    """The reply, or redis-py's exception for an error reply, from redis-py's own table."""
+    if isinstance(reply, hiredis.ReplyError):
+        raise BaseParser.parse_error(str(reply))  # type: ignore[no-untyped-call]
+    return reply
