@@ -280,7 +280,12 @@ def test_several_api_processes_serve_one_database(
         made = one.post("/v1/jobs", content=ndjson(make_requests(2)), headers=NDJSON).json()
         for _ in range(6):
             assert other.get(f"/v1/jobs/{made['id']}").json()["id"] == made["id"]
-    assert second.log().count("Started server process") == 2
+    # The first worker process to start answers the requests; the other may start later.
+    wait_for(
+        lambda: second.log().count("Started server process") == 2,
+        30,
+        "both API worker processes to start",
+    )
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
